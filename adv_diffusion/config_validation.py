@@ -1,0 +1,139 @@
+"""Start-up checks of a configuration: each failure names the key, the value and what is allowed."""
+
+from typing import Any, Iterable
+
+import ml_collections
+
+from adv_diffusion import data as data_lib
+from adv_diffusion.errors import ConfigError
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+  raise ConfigError(f"config.{key} = {value!r} is not allowed: {allowed}.")
+
+
+def _check_choice(config: ml_collections.ConfigDict, key: str, choices: Iterable[str]) -> None:
+  value = _get(config, key)
+  choices = tuple(choices)
+  if value not in choices:
+    _fail(key, value, "use one of " + ", ".join(repr(c) for c in choices))
+
+
+def _check_int(config, key: str, minimum: int) -> None:
+  value = _get(config, key)
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    _fail(key, value, f"use an integer ≥ {minimum}")
+
+
+def _check_float(config, key: str, low: float, high: float, *, low_open: bool = False,
+                 high_open: bool = False) -> None:
+  value = _get(config, key)
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    _fail(key, value, "use a number")
+  too_low = value <= low if low_open else value < low
+  too_high = value >= high if high_open else value > high
+  if too_low or too_high:
+    lo = "(" if low_open else "["
+    hi = ")" if high_open else "]"
+    _fail(key, value, f"use a number in {lo}{low}, {high}{hi}")
+
+
+def _get(config, key: str) -> Any:
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError with one sentence for the first bad value found."""
+  _check_int(config, "seed", 0)
+  _validate_data(config)
+  _validate_model(config)
+  _validate_diffusion(config)
+  _validate_optim(config)
+  _validate_train(config)
+
+
+def _validate_data(config) -> None:
+  _check_choice(config, "data.dataset", data_lib.DATASETS)
+  spec = data_lib.DATASETS[config.data.dataset]
+  if config.data.image_size != spec.image_size:
+    _fail("data.image_size", config.data.image_size,
+          f"dataset {config.data.dataset!r} has {spec.image_size}-pixel images")
+  if config.data.channels != spec.channels:
+    _fail("data.channels", config.data.channels,
+          f"dataset {config.data.dataset!r} has {spec.channels} channel(s)")
+  if config.data.num_classes not in (0, spec.num_classes):
+    _fail("data.num_classes", config.data.num_classes,
+          f"use 0 (unconditional) or {spec.num_classes} for dataset {config.data.dataset!r}")
+
+
+def _validate_model(config) -> None:
+  m = config.model
+  _check_int(config, "model.num_channels", 1)
+  _check_int(config, "model.num_res_blocks", 1)
+  if not m.channel_mult or any(not isinstance(c, int) or c < 1 for c in m.channel_mult):
+    _fail("model.channel_mult", m.channel_mult, "use a non-empty tuple of positive integers")
+  size = config.data.image_size
+  if size % (2 ** (len(m.channel_mult) - 1)):
+    _fail("model.channel_mult", m.channel_mult,
+          f"{len(m.channel_mult) - 1} downsamplings need an image size divisible by "
+          f"{2 ** (len(m.channel_mult) - 1)}, got {size}")
+  reachable = {size // 2 ** i for i in range(len(m.channel_mult))}
+  for res in m.attention_resolutions:
+    if res not in reachable:
+      _fail("model.attention_resolutions", m.attention_resolutions,
+            f"each entry must be a feature-map side the UNet visits, one of {sorted(reachable)}")
+  if m.num_head_channels != -1:
+    _check_int(config, "model.num_head_channels", 1)
+    widths = {m.num_channels * c for c in m.channel_mult}
+    bad = sorted(w for w in widths if w % m.num_head_channels)
+    if bad:
+      _fail("model.num_head_channels", m.num_head_channels,
+            f"it must divide every attention width, and {bad[0]} is not a multiple")
+  else:
+    _check_int(config, "model.num_heads", 1)
+  _check_float(config, "model.dropout", 0.0, 1.0, high_open=True)
+  _check_choice(config, "model.compute_dtype", ("float32", "bfloat16"))
+  for key in ("learn_sigma", "use_scale_shift_norm", "resblock_updown",
+              "use_new_attention_order", "conv_resample", "remat"):
+    if not isinstance(m[key], bool):
+      _fail(f"model.{key}", m[key], "use True or False")
+  if m.num_channels % 32:
+    _fail("model.num_channels", m.num_channels,
+          "ADM's GroupNorm uses 32 groups, so use a multiple of 32")
+
+
+def _validate_diffusion(config) -> None:
+  _check_choice(config, "diffusion.noise_schedule", ("linear", "cosine"))
+  _check_int(config, "diffusion.num_timesteps", 2)
+  _check_choice(config, "diffusion.loss_type", ("mse", "rescaled_mse"))
+  _check_choice(config, "diffusion.timestep_sampler", ("uniform", "loss-second-moment"))
+  _check_int(config, "diffusion.sampler_history", 1)
+  _check_float(config, "diffusion.sampler_uniform_prob", 0.0, 1.0)
+
+
+def _validate_optim(config) -> None:
+  _check_float(config, "optim.learning_rate", 0.0, 1.0, low_open=True)
+  _check_float(config, "optim.weight_decay", 0.0, 1.0)
+  _check_float(config, "optim.b1", 0.0, 1.0, high_open=True)
+  _check_float(config, "optim.b2", 0.0, 1.0, high_open=True)
+  _check_float(config, "optim.eps", 0.0, 1.0, low_open=True)
+  _check_int(config, "optim.warmup_steps", 0)
+  _check_float(config, "optim.grad_clip_norm", 0.0, float("inf"))
+
+
+def _validate_train(config) -> None:
+  t = config.train
+  _check_int(config, "train.batch_size", 1)
+  _check_int(config, "train.num_steps", 0)
+  if not t.ema_rates or any(not 0.0 < r < 1.0 for r in t.ema_rates):
+    _fail("train.ema_rates", t.ema_rates, "use a non-empty tuple of rates in (0, 1)")
+  for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+    _check_int(config, f"train.{key}", 1)
+  for key in ("keep_every", "sample_every"):
+    _check_int(config, f"train.{key}", 0)
+  _check_int(config, "train.sample_grid_size", 1)
+  if t.init_from_step < -1:
+    _fail("train.init_from_step", t.init_from_step, "use -1 (latest) or a checkpoint step ≥ 0")

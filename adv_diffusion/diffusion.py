@@ -1,0 +1,624 @@
+"""Gaussian diffusion process, losses and timestep samplers in JAX (NHWC).
+
+A float-precision re-implementation of the maths in OpenAI's ``guided_diffusion``
+(``gaussian_diffusion.py``, ``respace.py``, ``resample.py``, ``losses.py``) for an
+epsilon-predicting network whose variance is either learned (ADM ``LEARNED_RANGE``)
+or fixed (ADM ``FIXED_LARGE``).
+
+References (equation numbers refer to these papers):
+ * DDPM  -- Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models", arXiv:2006.11239.
+ * IDDPM -- Nichol, Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models",
+  arXiv:2102.09672.
+ * ADM   -- Dhariwal, Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis",
+  arXiv:2105.05233 (the codebase these formulas are checked against).
+
+Conventions:
+ * Images are NHWC: channels are the LAST axis. A learned-variance network outputs 2C
+  channels; the first C are epsilon, the last C the variance interpolation values v.
+ * Schedule tables are float64 numpy arrays (computed exactly as ADM does) and are
+  gathered at ``t`` and cast to float32 at use, like ADM's ``_extract_into_tensor``.
+ * ``t`` is an int array of shape (B,) indexing THIS (possibly respaced) process;
+  ``model_timesteps(t)`` gives the original-grid timestep the network must be told.
+ * Everything taking arrays is pure and jit-friendly. ``GaussianDiffusion`` is a frozen,
+  identity-hashed dataclass, so it can be closed over or passed as a static argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "GaussianDiffusion",
+    "LossAwareSamplerState",
+    "approx_standard_normal_cdf",
+    "discretized_gaussian_log_likelihood",
+    "get_named_beta_schedule",
+    "init_loss_sampler_state",
+    "mean_flat",
+    "normal_kl",
+    "sample_timesteps",
+    "sampler_weights",
+    "space_timesteps",
+    "update_loss_sampler_state",
+]
+
+BETA_SCHEDULES = ("linear", "cosine")
+LOSS_TYPES = ("mse", "rescaled_mse")
+SAMPLER_KINDS = ("uniform", "loss-second-moment")
+
+_LN2 = math.log(2.0)  # python float: stays a weak type, so float32 maths stays float32
+
+
+# ----------------------------------------------------------------------------------------
+# Beta schedules and respacing
+# ----------------------------------------------------------------------------------------
+
+
+def _check_num_timesteps(num_timesteps: int) -> int:
+  if isinstance(num_timesteps, bool) or int(num_timesteps) != num_timesteps or num_timesteps < 1:
+    raise ValueError(f"num_timesteps must be a positive integer, got {num_timesteps!r}.")
+  return int(num_timesteps)
+
+
+def _cosine_alpha_bar(u: float) -> float:
+  # IDDPM Eq. 17: alpha_bar(t) = f(t) / f(0), f(t) = cos^2(((t/T + s) / (1 + s)) * pi/2),
+  # s = 0.008. The 1/f(0) factor cancels in the ratio used below.
+  return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+
+def get_named_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
+  """ADM's float64 beta schedule ``"linear"`` or ``"cosine"`` with ``num_timesteps`` steps."""
+  num_timesteps = _check_num_timesteps(num_timesteps)
+  if name == "linear":
+    # DDPM Sec. 4 linear schedule 1e-4 .. 0.02 for T=1000, rescaled to any T as ADM does.
+    scale = 1000 / num_timesteps
+    return np.linspace(scale * 0.0001, scale * 0.02, num_timesteps, dtype=np.float64)
+  if name == "cosine":
+    # IDDPM Eq. 17 discretised: beta_t = min(1 - alpha_bar(t+1)/alpha_bar(t), 0.999).
+    # Evaluated with python's math (not vectorised numpy) to be bit-identical to ADM.
+    t_grid = num_timesteps
+    betas = [
+        min(1.0 - _cosine_alpha_bar((i + 1) / t_grid) / _cosine_alpha_bar(i / t_grid), 0.999)
+        for i in range(t_grid)
+    ]
+    return np.array(betas, dtype=np.float64)
+  raise ValueError(f"Unknown beta schedule {name!r}; allowed schedules are {list(BETA_SCHEDULES)}.")
+
+
+def _ddim_counts(num_timesteps: int) -> list[int]:
+  """Step counts achievable with ADM's "ddimN" integer-stride rule."""
+  return sorted({len(range(0, num_timesteps, k)) for k in range(1, num_timesteps)})
+
+
+def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> list[int]:
+  """Sorted original-grid timesteps kept by ADM respacing ("ddimN", "10,20,30" or a list)."""
+  num_timesteps = _check_num_timesteps(num_timesteps)
+  if isinstance(section_counts, str):
+    spec = section_counts.strip()
+    if spec.startswith("ddim"):
+      try:
+        desired = int(spec[len("ddim"):])
+      except ValueError:
+        raise ValueError(
+            f"Bad respacing {section_counts!r}: 'ddimN' needs an integer N, e.g. 'ddim50'."
+        ) from None
+      # DDIM paper's fixed striding: the smallest integer stride giving exactly N steps.
+      for stride in range(1, num_timesteps):
+        if len(range(0, num_timesteps, stride)) == desired:
+          return list(range(0, num_timesteps, stride))
+      allowed = _ddim_counts(num_timesteps)
+      if len(allowed) > 20:
+        below = [c for c in allowed if c < desired]
+        above = [c for c in allowed if c > desired]
+        hint = (
+            f"the nearest achievable counts are {below[-1] if below else None} and "
+            f"{above[0] if above else None}"
+        )
+      else:
+        hint = f"achievable counts are {allowed}"
+      raise ValueError(
+          f"Bad respacing {section_counts!r}: no integer stride over {num_timesteps} "
+          f"timesteps gives exactly {desired} steps ({hint})."
+      )
+    try:
+      counts = [int(c) for c in spec.split(",")]
+    except ValueError:
+      raise ValueError(
+          f"Bad respacing {section_counts!r}: expected 'ddimN' or comma-separated "
+          "integer section counts such as '10,20,30'."
+      ) from None
+  else:
+    counts = [int(c) for c in section_counts]
+    if any(c != s for c, s in zip(counts, section_counts)):
+      raise ValueError(f"Bad respacing {section_counts!r}: section counts must be integers.")
+    if len(counts) == 0:
+      raise ValueError("Bad respacing []: at least one section count is required.")
+
+  # IDDPM Sec. 4 (Eq. 19): split [0, T) into len(counts) near-equal sections and take
+  # `count` evenly spaced (rounded) steps from each, both section ends included.
+  size_per, extra = divmod(num_timesteps, len(counts))
+  start = 0
+  kept: list[int] = []
+  for i, count in enumerate(counts):
+    size = size_per + (1 if i < extra else 0)
+    if count < 0 or count > size:
+      raise ValueError(
+          f"Bad respacing {section_counts!r}: section {i} covers {size} of the "
+          f"{num_timesteps} timesteps, so its count must be between 0 and {size}, got {count}."
+      )
+    stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
+    pos = 0.0
+    for _ in range(count):
+      kept.append(start + round(pos))  # python's round, as ADM
+      pos += stride
+    start += size
+  if not kept:
+    raise ValueError(f"Bad respacing {section_counts!r}: it keeps no timesteps at all.")
+  return sorted(set(kept))
+
+
+# ----------------------------------------------------------------------------------------
+# Likelihood helpers (ADM losses.py)
+# ----------------------------------------------------------------------------------------
+
+
+def mean_flat(x: jnp.ndarray) -> jnp.ndarray:
+  """Mean over all non-batch axes."""
+  x = jnp.asarray(x)
+  return jnp.mean(x, axis=tuple(range(1, x.ndim)))
+
+
+def normal_kl(mean1: Any, logvar1: Any, mean2: Any, logvar2: Any) -> jnp.ndarray:
+  """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats (broadcasting)."""
+  mean1, logvar1, mean2, logvar2 = (jnp.asarray(a) for a in (mean1, logvar1, mean2, logvar2))
+  # Closed-form Gaussian KL (used for L_{t-1}, IDDPM Eq. 6 / DDPM Eq. 5). Term order mirrors
+  # ADM so float32 rounding matches.
+  return 0.5 * (
+      -1.0
+      + logvar2
+      - logvar1
+      + jnp.exp(logvar1 - logvar2)
+      + ((mean1 - mean2) ** 2) * jnp.exp(-logvar2)
+  )
+
+
+def approx_standard_normal_cdf(x: jnp.ndarray) -> jnp.ndarray:
+  """Tanh approximation of the standard normal CDF used by DDPM/ADM."""
+  x = jnp.asarray(x)
+  return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def discretized_gaussian_log_likelihood(
+    x: jnp.ndarray, means: jnp.ndarray, log_scales: jnp.ndarray
+) -> jnp.ndarray:
+  """Elementwise log-likelihood (nats) of [-1, 1] images (256 bins) under a discretised Gaussian."""
+  x, means, log_scales = jnp.asarray(x), jnp.asarray(means), jnp.asarray(log_scales)
+  if not (x.shape == means.shape == log_scales.shape):
+    raise ValueError(
+        f"x, means and log_scales must share a shape, got {x.shape}, {means.shape}, "
+        f"{log_scales.shape}."
+    )
+  # DDPM Eq. 13: each of the 256 levels owns a bin of width 2/255; the outermost bins
+  # extend to -inf / +inf.
+  centered = x - means
+  inv_std = jnp.exp(-log_scales)
+  cdf_plus = approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+  cdf_min = approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+  log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
+  log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
+  log_cdf_delta = jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))
+  return jnp.where(
+      x < -0.999,
+      log_cdf_plus,
+      jnp.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta),
+  )
+
+
+# ----------------------------------------------------------------------------------------
+# The diffusion process
+# ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GaussianDiffusion:
+  """Discrete-time Gaussian diffusion with an epsilon-predicting network (ADM semantics)."""
+
+  betas: np.ndarray
+  timestep_map: np.ndarray | None = None
+
+  def __post_init__(self) -> None:
+    betas = np.array(self.betas, dtype=np.float64)
+    if betas.ndim != 1 or betas.size == 0:
+      raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}.")
+    if not ((betas > 0).all() and (betas <= 1).all()):
+      raise ValueError(
+          f"betas must lie in (0, 1], got values in [{betas.min()}, {betas.max()}]."
+      )
+    n = betas.shape[0]
+    if self.timestep_map is None:
+      timestep_map = np.arange(n, dtype=np.int32)
+    else:
+      timestep_map = np.asarray(self.timestep_map).astype(np.int32)
+      if timestep_map.shape != (n,):
+        raise ValueError(
+            f"timestep_map must have shape ({n},) to match betas, got {timestep_map.shape}."
+        )
+    betas.setflags(write=False)
+    timestep_map.setflags(write=False)
+    object.__setattr__(self, "betas", betas)
+    object.__setattr__(self, "timestep_map", timestep_map)
+
+    alphas = 1.0 - betas
+    # IDDPM Eq. 8: alpha_bar_t = prod_{s<=t} alpha_s.
+    ac = np.cumprod(alphas, axis=0)
+    ac_prev = np.append(1.0, ac[:-1])
+    tables: dict[str, np.ndarray] = {
+        "alphas_cumprod": ac,
+        "alphas_cumprod_prev": ac_prev,
+        # IDDPM Eq. 9: q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I).
+        "sqrt_alphas_cumprod": np.sqrt(ac),
+        "one_minus_alphas_cumprod": 1.0 - ac,
+        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),
+        "log_one_minus_alphas_cumprod": np.log(1.0 - ac),
+        # Inverse of IDDPM Eq. 10: x_0 = sqrt(1/alpha_bar) x_t - sqrt(1/alpha_bar - 1) eps.
+        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / ac),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ac - 1),
+    }
+    # IDDPM Eq. 13: beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t.
+    post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+    tables["posterior_variance"] = post_var
+    # beta_tilde_0 = 0, so the log is clipped by repeating beta_tilde_1 at t=0 (as ADM).
+    tables["posterior_log_variance_clipped"] = np.log(np.append(post_var[1], post_var[1:]))
+    # IDDPM Eq. 12: mu_tilde = coef1 * x_0 + coef2 * x_t.
+    tables["posterior_mean_coef1"] = betas * np.sqrt(ac_prev) / (1.0 - ac)
+    tables["posterior_mean_coef2"] = (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac)
+    # IDDPM Eq. 15 upper end of the learned range: log beta_t.
+    tables["log_betas"] = np.log(betas)
+    # ADM FIXED_LARGE: sigma^2 = beta_t, except beta_tilde_1 at t=0 (better decoder NLL).
+    fixed_large = np.append(post_var[1], betas[1:])
+    tables["fixed_large_variance"] = fixed_large
+    tables["fixed_large_log_variance"] = np.log(fixed_large)
+
+    tables32 = {}
+    for name, arr in tables.items():
+      arr.setflags(write=False)
+      object.__setattr__(self, name, arr)
+      tables32[name] = np.asarray(arr, dtype=np.float32)  # ADM: th.from_numpy(arr).float()
+    object.__setattr__(self, "_tables32", tables32)
+
+  def __repr__(self) -> str:
+    kept = self.timestep_map
+    return (
+        f"GaussianDiffusion(num_timesteps={self.num_timesteps}, "
+        f"timestep_map=[{kept[0]}..{kept[-1]}], "
+        f"beta_range=[{self.betas[0]:.3g}, {self.betas[-1]:.3g}])"
+    )
+
+  @classmethod
+  def create(
+      cls,
+      schedule: str,
+      num_timesteps: int = 1000,
+      respacing: str | Sequence[int] | None = None,
+  ) -> GaussianDiffusion:
+    """Process from a named schedule, optionally respaced exactly like ADM's SpacedDiffusion."""
+    betas = get_named_beta_schedule(schedule, num_timesteps)
+    if respacing is None or (isinstance(respacing, str) and respacing.strip() == ""):
+      return cls(betas=betas, timestep_map=np.arange(len(betas), dtype=np.int32))
+    kept = np.asarray(space_timesteps(num_timesteps, respacing), dtype=np.int64)
+    # IDDPM Eq. 19: beta_{S_i} = 1 - alpha_bar_{S_i} / alpha_bar_{S_{i-1}} (1 before S_0),
+    # computed in float64 from the base process's cumulative product, as ADM.
+    base_ac = np.cumprod(1.0 - betas, axis=0)
+    ac_kept = base_ac[kept]
+    new_betas = 1.0 - ac_kept / np.append(1.0, ac_kept[:-1])
+    return cls(betas=new_betas, timestep_map=kept.astype(np.int32))
+
+  @property
+  def num_timesteps(self) -> int:
+    """Number of steps of this (possibly respaced) process."""
+    return int(self.betas.shape[0])
+
+  # -- gathering ---------------------------------------------------------------------
+
+  def _extract(self, name: str, t: Any, ndim: int) -> jnp.ndarray:
+    """Gather float32 table ``name`` at ``t`` and append singleton axes up to ``ndim``."""
+    vals = jnp.asarray(self._tables32[name])[jnp.asarray(t)]
+    return vals.reshape(vals.shape + (1,) * (ndim - vals.ndim))
+
+  def model_timesteps(self, t: Any) -> jnp.ndarray:
+    """Original-grid timesteps ``timestep_map[t]`` (int32) to feed the network."""
+    return jnp.asarray(self.timestep_map, dtype=jnp.int32)[jnp.asarray(t)]
+
+  # -- forward process ---------------------------------------------------------------
+
+  def q_mean_variance(self, x_start: jnp.ndarray, t: Any
+                      ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """Mean, variance and log-variance of q(x_t | x_0) (IDDPM Eq. 9), shaped like ``x_start``."""
+    x_start = jnp.asarray(x_start)
+    nd = x_start.ndim
+    mean = self._extract("sqrt_alphas_cumprod", t, nd) * x_start
+    # float64 (1 - alpha_bar) table cast at use, as ADM (not 1 - float32(alpha_bar)).
+    variance = jnp.broadcast_to(self._extract("one_minus_alphas_cumprod", t, nd), x_start.shape)
+    log_variance = jnp.broadcast_to(
+        self._extract("log_one_minus_alphas_cumprod", t, nd), x_start.shape
+    )
+    return mean, variance, log_variance
+
+  def q_sample(self, x_start: jnp.ndarray, t: Any, noise: jnp.ndarray) -> jnp.ndarray:
+    """Sample x_t ~ q(x_t | x_0) with the given noise (IDDPM Eq. 10)."""
+    x_start, noise = jnp.asarray(x_start), jnp.asarray(noise)
+    if noise.shape != x_start.shape:
+      raise ValueError(f"noise shape {noise.shape} must equal x_start shape {x_start.shape}.")
+    nd = x_start.ndim
+    # x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
+    return (
+        self._extract("sqrt_alphas_cumprod", t, nd) * x_start
+        + self._extract("sqrt_one_minus_alphas_cumprod", t, nd) * noise
+    )
+
+  def q_posterior_mean_variance(
+      self, x_start: jnp.ndarray, x_t: jnp.ndarray, t: Any
+  ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) (IDDPM Eqs. 11-13)."""
+    x_start, x_t = jnp.asarray(x_start), jnp.asarray(x_t)
+    if x_start.shape != x_t.shape:
+      raise ValueError(f"x_start shape {x_start.shape} must equal x_t shape {x_t.shape}.")
+    nd = x_t.ndim
+    mean = (
+        self._extract("posterior_mean_coef1", t, nd) * x_start
+        + self._extract("posterior_mean_coef2", t, nd) * x_t
+    )
+    variance = jnp.broadcast_to(self._extract("posterior_variance", t, nd), x_t.shape)
+    log_variance = jnp.broadcast_to(
+        self._extract("posterior_log_variance_clipped", t, nd), x_t.shape
+    )
+    return mean, variance, log_variance
+
+  def predict_xstart_from_eps(self, x_t: jnp.ndarray, t: Any, eps: jnp.ndarray) -> jnp.ndarray:
+    """x_0 implied by x_t and a noise prediction (IDDPM Eq. 10 solved for x_0)."""
+    x_t, eps = jnp.asarray(x_t), jnp.asarray(eps)
+    if x_t.shape != eps.shape:
+      raise ValueError(f"eps shape {eps.shape} must equal x_t shape {x_t.shape}.")
+    nd = x_t.ndim
+    return (
+        self._extract("sqrt_recip_alphas_cumprod", t, nd) * x_t
+        - self._extract("sqrt_recipm1_alphas_cumprod", t, nd) * eps
+    )
+
+  def predict_eps_from_xstart(self, x_t: jnp.ndarray, t: Any, pred_xstart: jnp.ndarray
+                              ) -> jnp.ndarray:
+    """Noise implied by x_t and an x_0 prediction (IDDPM Eq. 10 solved for eps)."""
+    x_t, pred_xstart = jnp.asarray(x_t), jnp.asarray(pred_xstart)
+    nd = x_t.ndim
+    return (
+        self._extract("sqrt_recip_alphas_cumprod", t, nd) * x_t - pred_xstart
+    ) / self._extract("sqrt_recipm1_alphas_cumprod", t, nd)
+
+  # -- reverse process ---------------------------------------------------------------
+
+  def _split_output(
+      self, model_output: jnp.ndarray, x_t: jnp.ndarray, learn_sigma: bool
+  ) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+    c = x_t.shape[-1]
+    want = 2 * c if learn_sigma else c
+    if model_output.shape != x_t.shape[:-1] + (want,):
+      raise ValueError(
+          f"model_output shape {model_output.shape} must be {x_t.shape[:-1] + (want,)} "
+          f"(NHWC, {'2C' if learn_sigma else 'C'} channels for learn_sigma={learn_sigma})."
+      )
+    if learn_sigma:
+      return model_output[..., :c], model_output[..., c:]
+    return model_output, None
+
+  def p_mean_variance(
+      self,
+      model_output: jnp.ndarray,
+      x_t: jnp.ndarray,
+      t: Any,
+      *,
+      learn_sigma: bool,
+      clip_denoised: bool = True,
+  ) -> dict[str, jnp.ndarray]:
+    """mean, variance, log_variance, pred_xstart, eps of p(x_{t-1} | x_t) from the raw output."""
+    # model_output: eps (C channels) or eps + v (2C channels, learn_sigma), channels last.
+    # "eps" is the network's raw epsilon; DDIM should re-derive eps from the (clipped)
+    # pred_xstart with predict_eps_from_xstart, as ADM's ddim_sample does.
+    model_output, x_t = jnp.asarray(model_output), jnp.asarray(x_t)
+    nd = x_t.ndim
+    eps, var_values = self._split_output(model_output, x_t, learn_sigma)
+    if var_values is not None:
+      # IDDPM Eq. 15 (ADM LEARNED_RANGE): log Sigma = frac log beta_t + (1 - frac) log beta_tilde_t,
+      # with the network's v in [-1, 1] mapped to frac = (v + 1) / 2.
+      min_log = self._extract("posterior_log_variance_clipped", t, nd)
+      max_log = self._extract("log_betas", t, nd)
+      frac = (var_values + 1) / 2
+      log_variance = frac * max_log + (1 - frac) * min_log
+      variance = jnp.exp(log_variance)
+    else:
+      variance = jnp.broadcast_to(self._extract("fixed_large_variance", t, nd), x_t.shape)
+      log_variance = jnp.broadcast_to(
+          self._extract("fixed_large_log_variance", t, nd), x_t.shape
+      )
+    pred_xstart = self.predict_xstart_from_eps(x_t, t, eps)
+    if clip_denoised:
+      pred_xstart = jnp.clip(pred_xstart, -1.0, 1.0)
+    # DDPM Eq. 7/11: mu_theta(x_t, t) = mu_tilde(x_t, x0_hat(x_t, eps_theta)).
+    mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
+    return {
+        "mean": mean,
+        "variance": variance,
+        "log_variance": log_variance,
+        "pred_xstart": pred_xstart,
+        "eps": eps,
+    }
+
+  # -- losses ------------------------------------------------------------------------
+
+  def vb_terms_bpd(
+      self,
+      model_output: jnp.ndarray,
+      x_start: jnp.ndarray,
+      x_t: jnp.ndarray,
+      t: Any,
+      *,
+      learn_sigma: bool | None = None,
+  ) -> jnp.ndarray:
+    """Per-example VLB term in bits/dim: decoder NLL L_0 where t == 0, else KL L_{t-1}."""
+    # IDDPM Eqs. 4-6. learn_sigma defaults to "model_output has 2x x_start's channels";
+    # clip_denoised=False as in ADM training.
+    model_output, x_start, x_t = (jnp.asarray(a) for a in (model_output, x_start, x_t))
+    if learn_sigma is None:
+      learn_sigma = model_output.shape[-1] == 2 * x_start.shape[-1]
+    t = jnp.asarray(t)
+    true_mean, _, true_log_var = self.q_posterior_mean_variance(x_start, x_t, t)
+    out = self.p_mean_variance(model_output, x_t, t, learn_sigma=learn_sigma, clip_denoised=False)
+    # IDDPM Eq. 6: L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)), nats -> bits.
+    kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / _LN2
+    # IDDPM Eq. 5 / DDPM Eq. 13: L_0 = -log p(x_0 | x_1) under the discretised decoder.
+    nll = -discretized_gaussian_log_likelihood(
+        x_start, out["mean"], 0.5 * out["log_variance"]
+    )
+    nll = mean_flat(nll) / _LN2
+    return jnp.where(t == 0, nll, kl)
+
+  def training_losses(
+      self,
+      model_output: jnp.ndarray,
+      x_start: jnp.ndarray,
+      x_t: jnp.ndarray,
+      t: Any,
+      noise: jnp.ndarray,
+      *,
+      learn_sigma: bool,
+      loss_type: str = "rescaled_mse",
+  ) -> dict[str, jnp.ndarray]:
+    """Per-example ``loss``, ``mse``, ``vb`` (each (B,)) of an eps network (IDDPM L_hybrid)."""
+    if loss_type not in LOSS_TYPES:
+      raise ValueError(
+          f"Unknown loss_type {loss_type!r}; allowed loss types are {list(LOSS_TYPES)}.")
+    model_output, x_start, x_t, noise = (
+        jnp.asarray(a) for a in (model_output, x_start, x_t, noise)
+    )
+    eps, var_values = self._split_output(model_output, x_t, learn_sigma)
+    if var_values is not None:
+      # IDDPM Eq. 16: L_hybrid = L_simple + lambda L_vlb; the vlb only trains the
+      # variance, so the eps channels are frozen (stop-gradient) inside it.
+      frozen = jnp.concatenate([jax.lax.stop_gradient(eps), var_values], axis=-1)
+      vb = self.vb_terms_bpd(frozen, x_start, x_t, t, learn_sigma=True)
+      if loss_type == "rescaled_mse":
+        # ADM: lambda = T / 1000 (1/1000 per term, times T terms).
+        vb = vb * (self.num_timesteps / 1000.0)
+    else:
+      vb = jnp.zeros(x_start.shape[:1], dtype=jnp.result_type(eps.dtype, jnp.float32))
+    # IDDPM Eq. 14: L_simple = || eps - eps_theta(x_t, t) ||^2 (mean over pixels).
+    mse = mean_flat((noise - eps) ** 2)
+    return {"loss": mse + vb, "mse": mse, "vb": vb}
+
+
+# ----------------------------------------------------------------------------------------
+# Timestep samplers (ADM resample.py), as pure functions of a small pytree
+# ----------------------------------------------------------------------------------------
+# These are jax.jit-wrapped (``kind`` and ``batch_size`` static) because they are typically
+# called eagerly once per step outside the train step; they nest fine inside another jit.
+
+
+class LossAwareSamplerState(NamedTuple):
+  """Per-timestep loss history for the loss-second-moment sampler."""
+
+  loss_history: jnp.ndarray  # (T, history) float32, oldest first
+  loss_counts: jnp.ndarray  # (T,) int32, number of valid history entries per timestep
+
+
+def init_loss_sampler_state(num_timesteps: int, history_per_term: int = 10
+                            ) -> LossAwareSamplerState:
+  """Empty loss history (nothing seen yet) for ``num_timesteps`` steps."""
+  num_timesteps = _check_num_timesteps(num_timesteps)
+  if int(history_per_term) < 1:
+    raise ValueError(f"history_per_term must be a positive integer, got {history_per_term!r}.")
+  return LossAwareSamplerState(
+      loss_history=jnp.zeros((num_timesteps, int(history_per_term)), dtype=jnp.float32),
+      loss_counts=jnp.zeros((num_timesteps,), dtype=jnp.int32),
+  )
+
+
+def _check_kind(kind: str) -> None:
+  if kind not in SAMPLER_KINDS:
+    raise ValueError(f"Unknown sampler kind {kind!r}; allowed kinds are {list(SAMPLER_KINDS)}.")
+
+
+@functools.partial(jax.jit, static_argnames=("kind",))
+def sampler_weights(state: LossAwareSamplerState, kind: str, uniform_prob: float = 0.001
+                    ) -> jnp.ndarray:
+  """Unnormalised sampling weights (T,) float32, as ADM's Uniform / LossSecondMoment samplers."""
+  _check_kind(kind)
+  num_t, history = state.loss_history.shape
+  ones = jnp.ones((num_t,), dtype=jnp.float32)
+  if kind == "uniform":
+    return ones
+  # IDDPM Eq. 18: p_t proportional to sqrt(E[L_t^2]), mixed with a small uniform part.
+  w = jnp.sqrt(jnp.mean(state.loss_history.astype(jnp.float32) ** 2, axis=-1))
+  w = w / jnp.sum(w)
+  w = w * (1 - uniform_prob)
+  w = w + uniform_prob / num_t
+  warmed_up = jnp.all(state.loss_counts == history)  # uniform until every t has a full history
+  return jnp.where(warmed_up, w, ones)
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size",))
+def _sample_from_weights(key: jax.Array, w: jnp.ndarray, batch_size: int
+                         ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  num_t = w.shape[0]
+  p = w / jnp.sum(w)
+  t = jax.random.choice(key, num_t, shape=(batch_size,), replace=True, p=p).astype(jnp.int32)
+  # Unbiased importance weighting: E_{t~p}[L_t / (T p_t)] = (1/T) sum_t L_t.
+  weights = (1.0 / (num_t * p[t])).astype(jnp.float32)
+  return t, weights
+
+
+def sample_timesteps(
+    key: jax.Array,
+    state: LossAwareSamplerState,
+    batch_size: int,
+    kind: str,
+    uniform_prob: float = 0.001,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Draw t ~ w/sum(w) (int32, (B,)) and importance weights 1/(T p_t) (float32, (B,))."""
+  w = sampler_weights(state, kind, uniform_prob)
+  return _sample_from_weights(key, w, int(batch_size))
+
+
+@jax.jit
+def update_loss_sampler_state(
+    state: LossAwareSamplerState, t: jnp.ndarray, losses: jnp.ndarray
+) -> LossAwareSamplerState:
+  """Record ``losses`` at timesteps ``t`` in batch order, as ADM's ``update_with_all_losses``."""
+  t = jnp.asarray(t, dtype=jnp.int32).reshape(-1)
+  losses = jnp.asarray(losses, dtype=jnp.float32).reshape(-1)
+  if t.shape != losses.shape:
+    raise ValueError(f"t and losses must have the same length, got {t.shape} and {losses.shape}.")
+  history = state.loss_history.shape[1]
+
+  def step(carry: LossAwareSamplerState, item: tuple[jnp.ndarray, jnp.ndarray]):
+    hist, counts = carry
+    ti, li = item
+    row, count = hist[ti], counts[ti]
+    full = count == history
+    # Full: drop the oldest entry and append; otherwise fill the next free slot.
+    shifted = jnp.concatenate([row[1:], li[None]])
+    filled = row.at[jnp.minimum(count, history - 1)].set(li)
+    hist = hist.at[ti].set(jnp.where(full, shifted, filled))
+    counts = counts.at[ti].set(jnp.where(full, count, count + 1))
+    return LossAwareSamplerState(hist, counts), None
+
+  init = LossAwareSamplerState(
+      state.loss_history.astype(jnp.float32), state.loss_counts.astype(jnp.int32)
+  )
+  new_state, _ = jax.lax.scan(step, init, (t, losses))
+  return new_state

@@ -1,0 +1,78 @@
+"""Every configuration key of the codebase, each with a one-line comment.
+
+Experiment files (``configs/<name>.py``) start from ``get_config()`` here and override what
+they change. Any key can be overridden on the command line: ``--config.train.batch_size=64``.
+Values are checked at start-up by ``adv_diffusion.config_validation.validate_config``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # root PRNG seed; every key of the run derives from it by fold_in
+
+  # ---- data -----------------------------------------------------------------------------
+  config.data = data = ml_collections.ConfigDict()
+  data.dataset = "digits"  # "digits" (embedded, scikit-learn) | "cifar10" | "imagenet64" (TFDS)
+  data.data_dir = ""  # TFDS data directory; "" = TFDS default (~/tensorflow_datasets)
+  data.split = "train"  # dataset split used for training
+  data.image_size = 16  # image side in pixels; must match the dataset (digits: 16, cifar10: 32, imagenet64: 64)
+  data.channels = 1  # image channels; must match the dataset (digits: 1, else 3)
+  data.num_classes = 0  # >0 makes the model class-conditional (digits: 10, imagenet64: 1000)
+  data.random_flip = False  # random horizontal flip, drawn per example inside the train step
+
+  # ---- model (ADM UNet, Dhariwal & Nichol 2021) ----------------------------------------
+  config.model = model = ml_collections.ConfigDict()
+  model.num_channels = 32  # base channel count (ADM `num_channels`)
+  model.channel_mult = (1, 2, 2)  # channel multiplier per resolution level
+  model.num_res_blocks = 1  # residual blocks per level
+  model.attention_resolutions = (8,)  # feature-map sides (pixels) that get self-attention
+  model.num_heads = 1  # attention heads when num_head_channels == -1
+  model.num_head_channels = 16  # channels per head; -1 = use num_heads
+  model.num_heads_upsample = -1  # heads in the decoder; -1 = num_heads
+  model.dropout = 0.0  # dropout rate inside residual blocks
+  model.learn_sigma = True  # predict the learned-range variance (ADM hybrid objective)
+  model.use_scale_shift_norm = True  # FiLM-like timestep conditioning in residual blocks
+  model.resblock_updown = True  # residual blocks for up/downsampling
+  model.use_new_attention_order = True  # split qkv before heads (ADM QKVAttention)
+  model.conv_resample = True  # learned convolutions when up/downsampling without resblocks
+  model.compute_dtype = "float32"  # "float32" | "bfloat16": activation dtype; params stay float32
+  model.remat = False  # rematerialise blocks in the backward pass to save memory
+
+  # ---- diffusion ------------------------------------------------------------------------
+  config.diffusion = diffusion = ml_collections.ConfigDict()
+  diffusion.noise_schedule = "cosine"  # "linear" | "cosine" β schedule (IDDPM)
+  diffusion.num_timesteps = 1000  # T of the training process
+  diffusion.loss_type = "rescaled_mse"  # "mse" | "rescaled_mse" (ADM hybrid: ε-MSE + VLB·T/1000)
+  diffusion.timestep_sampler = "loss-second-moment"  # "uniform" | "loss-second-moment" (ADM importance sampler)
+  diffusion.sampler_history = 10  # losses kept per timestep by the importance sampler
+  diffusion.sampler_uniform_prob = 0.001  # uniform mixing probability of the importance sampler
+
+  # ---- optimiser (AdamW as ADM) -----------------------------------------------------------
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.learning_rate = 1e-4  # peak learning rate
+  optim.weight_decay = 0.0  # decoupled weight decay
+  optim.b1 = 0.9  # Adam β1
+  optim.b2 = 0.999  # Adam β2
+  optim.eps = 1e-8  # Adam ε
+  optim.warmup_steps = 0  # linear learning-rate warmup over this many optimizer updates; 0 = none
+  optim.grad_clip_norm = 0.0  # clip gradients to this global ℓ2 norm; 0 = no clipping
+
+  # ---- training loop ----------------------------------------------------------------------
+  config.train = train = ml_collections.ConfigDict()
+  train.batch_size = 64  # GLOBAL batch size, split over all devices of all processes
+  train.num_steps = 2000  # minibatch iterations of this run
+  train.ema_rates = (0.9999,)  # EMA decay rates of the parameter averages kept in the state
+  train.log_every = 50  # write scalar metrics every this many steps
+  train.checkpoint_every = 500  # save a checkpoint every this many steps (and at the end)
+  train.keep_checkpoints = 3  # most recent checkpoints kept
+  train.keep_every = 0  # also keep every checkpoint whose step is a multiple of this; 0 = none
+  train.async_checkpointing = True  # write checkpoints in the background
+  train.sample_every = 1000  # write a PNG sample grid every this many steps; 0 = never
+  train.sample_grid_size = 64  # images in the periodic sample grid
+  train.sample_respacing = "50"  # ADM respacing of the grid's ancestral sampler
+  train.init_from = ""  # workdir of another run: start from its params and EMA, fresh optimizer
+  train.init_from_step = -1  # checkpoint step of `init_from`; -1 = its latest
+
+  return config

@@ -1,0 +1,24 @@
+"""A tiny digits run for tests: a two-level UNet that compiles and steps fast on 2 CPU cores."""
+
+from configs import digits_adm
+
+
+def get_config():
+  config = digits_adm.get_config()
+  config.model.num_channels = 32
+  config.model.channel_mult = (1, 2)
+  config.model.num_res_blocks = 1
+  config.model.attention_resolutions = (8,)
+  config.model.num_head_channels = 32
+  config.model.dropout = 0.1
+  config.optim.learning_rate = 1e-3
+  config.optim.warmup_steps = 0
+  config.train.batch_size = 16
+  config.train.num_steps = 3
+  config.train.log_every = 1
+  config.train.checkpoint_every = 1000
+  config.train.sample_every = 0
+  config.train.sample_respacing = "10"
+  config.train.sample_grid_size = 16
+  config.train.ema_rates = (0.9, 0.99)
+  return config

@@ -1,0 +1,59 @@
+"""Helpers for tests that run `main.py` in a subprocess and read the checkpoints it leaves."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(REPO, "tests", "configs", "tiny_digits.py")
+
+
+def main_command(workdir: str, *overrides: str, config: str = TINY_CONFIG) -> list[str]:
+  return [sys.executable, os.path.join(REPO, "main.py"), f"--config={config}",
+          f"--workdir={workdir}", *overrides]
+
+
+def subprocess_env(num_devices: int = 1) -> dict[str, str]:
+  env = dict(os.environ)
+  env["JAX_PLATFORMS"] = "cpu"
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  env["PYTHONPATH"] = REPO
+  return env
+
+
+def run_main(workdir: str, *overrides: str, num_devices: int = 1, config: str = TINY_CONFIG,
+             check: bool = True) -> subprocess.CompletedProcess:
+  result = subprocess.run(main_command(workdir, *overrides, config=config), cwd=REPO,
+                          env=subprocess_env(num_devices), capture_output=True, text=True,
+                          timeout=900)
+  if check and result.returncode != 0:
+    raise AssertionError(f"main.py failed ({result.returncode}):\n{result.stderr[-4000:]}")
+  return result
+
+
+def read_checkpoint(workdir: str, step: int | None = None) -> dict:
+  """{"model": {...}, "train": {...}} of a run's checkpoint as numpy trees (latest by default)."""
+  directory = os.path.join(workdir, "checkpoints")
+  if step is None:
+    step = max(int(d) for d in os.listdir(directory) if d.isdigit())
+  checkpointer = ocp.PyTreeCheckpointer()
+  out = {}
+  for item in ("model", "train"):
+    path = os.path.join(directory, str(step), item)
+    # Restore as host numpy arrays, whatever device topology wrote the checkpoint.
+    tree = checkpointer.metadata(path).item_metadata.tree
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    out[item] = checkpointer.restore(path, restore_args=args)
+  checkpointer.close()
+  return out
+
+
+def max_abs_diff(tree_a, tree_b) -> float:
+  diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a, np.float64)
+                                                        - np.asarray(b, np.float64)))),
+                       tree_a, tree_b)
+  return max(jax.tree.leaves(diffs))

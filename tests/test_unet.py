@@ -1,0 +1,282 @@
+"""Tests of the Flax ADM UNet against OpenAI's guided-diffusion `UNetModel` (torch, CPU)."""
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+with warnings.catch_warnings():  # guided_diffusion.nn uses deprecated torch.cuda.amp decorators
+  warnings.simplefilter("ignore", FutureWarning)
+  from guided_diffusion.nn import timestep_embedding as torch_timestep_embedding
+  from guided_diffusion.unet import UNetModel
+
+from adv_diffusion.nets import UNet
+from adv_diffusion.nets.layers import timestep_embedding
+from adv_diffusion.nets.torch_mapping import flax_to_torch_state_dict, torch_to_flax_params
+
+SMALL = dict(  # every new-style option on, learned sigma
+  image_size=16, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
+  attention_resolutions=(2,), dropout=0.1, channel_mult=(1, 2), num_head_channels=8,
+  use_scale_shift_norm=True, resblock_updown=True, use_new_attention_order=True,
+)
+SMALL_CLASS_LEGACY = dict(  # class-conditional, legacy qkv order, conv resampling
+  image_size=16, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=2,
+  attention_resolutions=(2,), channel_mult=(1, 2), num_classes=10, num_heads=2,
+  conv_resample=True,
+)
+SMALL_POOL = dict(  # avg-pool / conv-free resampling, attention at full res, other upsample heads
+  image_size=8, in_channels=2, model_channels=32, out_channels=2, num_res_blocks=1,
+  attention_resolutions=(1, 2), channel_mult=(1, 2, 2), num_heads=4, num_heads_upsample=1,
+  conv_resample=False,
+)
+TINY_CLASS = dict(  # one level only: just enough to exercise every kind of layer init
+  image_size=8, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
+  attention_resolutions=(1,), channel_mult=(1,), num_classes=3,
+)
+CIFAR10 = dict(
+  image_size=32, in_channels=3, model_channels=128, out_channels=6, num_res_blocks=3,
+  attention_resolutions=(2, 4), dropout=0.3, channel_mult=(1, 2, 2, 2), num_head_channels=32,
+  use_scale_shift_norm=True, resblock_updown=True, use_new_attention_order=True,
+)
+IMAGENET64 = dict(
+  image_size=64, in_channels=3, model_channels=192, out_channels=6, num_res_blocks=3,
+  attention_resolutions=(2, 4, 8), dropout=0.1, channel_mult=(1, 2, 3, 4),
+  num_head_channels=64, num_classes=1000, use_scale_shift_norm=True, resblock_updown=True,
+  use_new_attention_order=True,
+)
+CIFAR10_PARAMS = 57_094_662
+BATCH = 2
+
+
+def torch_model(cfg: dict[str, Any], seed: int = 0) -> torch.nn.Module:
+  """guided-diffusion UNetModel with every parameter (zero-inited ones too) randomised."""
+  torch.manual_seed(seed)
+  model = UNetModel(dims=2, use_fp16=False, use_checkpoint=False, **cfg).eval()
+  with torch.no_grad():
+    for module in model.modules():
+      for param in module.parameters(recurse=False):
+        param.normal_(0.0, 0.05)
+      if isinstance(module, torch.nn.GroupNorm):
+        module.weight.add_(1.0)  # keep norms near identity so SiLUs stay nonlinear
+  return model
+
+
+def inputs(cfg: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
+  """Random NCHW images, int timesteps and (if class-conditional) labels."""
+  rng = np.random.default_rng(seed)
+  size, chans = cfg["image_size"], cfg["in_channels"]
+  out = {
+    "x": rng.standard_normal((BATCH, chans, size, size)).astype(np.float32),
+    "t": rng.integers(0, 1000, size=(BATCH,)).astype(np.int64),
+  }
+  if cfg.get("num_classes") is not None:
+    out["y"] = rng.integers(0, cfg["num_classes"], size=(BATCH,)).astype(np.int64)
+  return out
+
+
+def flax_args(batch: dict[str, np.ndarray]) -> tuple:
+  """(x NHWC, t, y) as jax arrays."""
+  y = batch.get("y")
+  return (
+    jnp.asarray(batch["x"].transpose(0, 2, 3, 1)),
+    jnp.asarray(batch["t"], jnp.int32),
+    None if y is None else jnp.asarray(y, jnp.int32),
+  )
+
+
+def params_template(model: UNet, cfg: dict[str, Any]) -> Any:
+  """Parameter shapes via jax.eval_shape (no compute)."""
+  x, t, y = flax_args(inputs(cfg))
+  return jax.eval_shape(model.init, jax.random.key(0), x, t, y)["params"]
+
+
+def count(tree: Any) -> int:
+  return int(sum(np.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree)))
+
+
+def rel_err(ours: np.ndarray, theirs: np.ndarray) -> float:
+  return float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs))
+
+
+class Case:
+  """A config with its randomised torch model, converted Flax params and reference output."""
+
+  def __init__(self, cfg: dict[str, Any]):
+    self.cfg = cfg
+    self.torch = torch_model(cfg)
+    self.batch = inputs(cfg)
+    self.model = UNet(**cfg)
+    self.apply = jax.jit(self.model.apply, static_argnames=("train",))
+    template = params_template(self.model, cfg)
+    self.params = torch_to_flax_params(self.torch.state_dict(), template)
+    with torch.no_grad():
+      y = self.batch.get("y")
+      self.reference = self.torch(
+        torch.from_numpy(self.batch["x"]),
+        torch.from_numpy(self.batch["t"]),
+        None if y is None else torch.from_numpy(y),
+      ).numpy()
+
+  def run(self, model: UNet | None = None, **kwargs: Any) -> np.ndarray:
+    """Our output, NCHW float32 numpy."""
+    apply = self.apply if model is None else jax.jit(model.apply, static_argnames=("train",))
+    out = apply({"params": self.params}, *flax_args(self.batch), **kwargs)
+    return np.asarray(out).transpose(0, 3, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def small() -> Case:
+  return Case(SMALL)
+
+
+@pytest.fixture(scope="module")
+def cifar10() -> Case:
+  return Case(CIFAR10)
+
+
+# ------------------------------------------------------------------------------ (a) parity
+
+
+@pytest.mark.parametrize("cfg", [SMALL_CLASS_LEGACY, SMALL_POOL], ids=["class_legacy", "pool"])
+def test_parity_small_variants(cfg: dict[str, Any]) -> None:
+  case = Case(cfg)
+  out = case.run()
+  assert out.dtype == np.float32 and out.shape == case.reference.shape
+  assert rel_err(out, case.reference) <= 1e-5
+
+
+def test_parity_small(small: Case) -> None:
+  assert rel_err(small.run(), small.reference) <= 1e-5
+
+
+def test_parity_cifar10(cifar10: Case) -> None:
+  out = cifar10.run()
+  assert out.shape == (BATCH, 6, 32, 32)
+  assert rel_err(out, cifar10.reference) <= 1e-5
+
+
+def test_timestep_embedding_matches_adm() -> None:
+  t = np.array([0, 1, 17, 999], np.int64)
+  for dim in (32, 33):
+    theirs = torch_timestep_embedding(torch.from_numpy(t), dim).numpy()
+    ours = np.asarray(timestep_embedding(jnp.asarray(t), dim))
+    np.testing.assert_allclose(ours, theirs, atol=2e-6)
+
+
+# ------------------------------------------------------------------------- (b) param count
+
+
+@pytest.mark.parametrize("cfg", [CIFAR10, IMAGENET64], ids=["cifar10", "imagenet64"])
+def test_param_count_matches_torch(cfg: dict[str, Any]) -> None:
+  with torch.device("meta"):  # shapes only, no allocation
+    theirs = sum(p.numel() for p in UNetModel(dims=2, **cfg).parameters())
+  ours = count(params_template(UNet(**cfg), cfg))
+  assert ours == theirs
+  if cfg is CIFAR10:
+    assert ours == CIFAR10_PARAMS
+
+
+# --------------------------------------------------------------------------- (c) mapping
+
+
+def test_round_trip_flax_torch_flax(small: Case) -> None:
+  rng = np.random.default_rng(1)  # any Flax params tree; random values catch layout slips
+  params = jax.tree_util.tree_map(
+    lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), small.params
+  )
+  state = flax_to_torch_state_dict(params)
+  with torch.device("meta"):
+    fresh = UNetModel(dims=2, **SMALL)
+  tensors = {k: torch.from_numpy(v) for k, v in state.items()}
+  fresh.load_state_dict(tensors, strict=True, assign=True)  # torch accepts names and shapes
+  back = torch_to_flax_params(state, params)
+  assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params)
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(back)):
+    assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_round_trip_torch_flax_torch(cifar10: Case) -> None:
+  theirs = cifar10.torch.state_dict()
+  back = flax_to_torch_state_dict(cifar10.params)
+  assert set(back) == set(theirs)
+  for key, value in theirs.items():
+    assert back[key].dtype == np.float32 and np.array_equal(back[key], value.numpy()), key
+
+
+def _corrupt(kind: str, state: dict[str, Any]) -> str:
+  """Break the state dict in one way; return the key an error must name."""
+  if kind == "missing":
+    key = "input_blocks.1.0.emb_layers.1.bias"
+    del state[key]
+  elif kind == "extra":
+    key = "input_blocks.1.0.not_a_layer.weight"
+    state[key] = np.zeros(3, np.float32)
+  else:
+    key = "middle_block.1.qkv.weight"
+    state[key] = np.zeros((3, 3, 1), np.float32)
+  return key
+
+
+@pytest.mark.parametrize("kind", ["missing", "extra", "misshaped"])
+def test_mapping_errors_name_the_key(small: Case, kind: str) -> None:
+  state = dict(small.torch.state_dict())
+  key = _corrupt(kind, state)
+  with pytest.raises(ValueError, match=re.escape(key)):
+    torch_to_flax_params(state, small.params)
+
+
+# ------------------------------------------------------------------- (d)-(f) behaviour
+
+
+def test_fresh_init_outputs_exactly_zero() -> None:
+  model = UNet(**TINY_CLASS)
+  x, t, y = flax_args(inputs(TINY_CLASS))
+  # On CPU, compiling threefry for every parameter's init dominates (~10 s even here);
+  # the cheap "unsafe_rbg" key keeps this test fast and is still a plain Flax init.
+  variables = jax.jit(model.init)(jax.random.key(2, impl="unsafe_rbg"), x, t, y)
+  leaves = jax.tree_util.tree_leaves(variables["params"])
+  assert all(p.dtype == jnp.float32 for p in leaves)
+  assert any(bool(jnp.any(p != 0)) for p in leaves)
+  out = model.apply(variables, x, t, y)
+  assert out.shape == (BATCH, 8, 8, 3) and bool(jnp.all(out == 0.0))
+
+
+def test_dropout_train_vs_eval(small: Case) -> None:
+  eval_a = small.run(train=False)
+  eval_b = small.run(train=False)
+  np.testing.assert_array_equal(eval_a, eval_b)
+  train_a = small.run(train=True, rngs={"dropout": jax.random.key(0)})
+  train_b = small.run(train=True, rngs={"dropout": jax.random.key(1)})
+  assert not np.allclose(train_a, train_b)
+  assert not np.allclose(train_a, eval_a)
+
+
+def test_bfloat16_compute(small: Case) -> None:
+  model = UNet(**SMALL, dtype=jnp.bfloat16)
+  template = params_template(model, SMALL)
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(template))
+  out = small.run(model)
+  assert out.dtype == np.float32 and np.isfinite(out).all()
+  assert rel_err(out, small.run()) < 5e-2
+
+
+def test_remat_same_params_and_output(small: Case) -> None:
+  model = UNet(**SMALL, remat=True)
+  template = params_template(model, SMALL)
+  assert jax.tree_util.tree_structure(template) == jax.tree_util.tree_structure(small.params)
+  np.testing.assert_allclose(small.run(model), small.run(), rtol=1e-6, atol=1e-6)
+
+
+def test_label_consistency_is_checked(small: Case) -> None:
+  x, t, _ = flax_args(small.batch)
+  with pytest.raises(ValueError, match="class-conditional"):
+    small.model.apply({"params": small.params}, x, t, jnp.zeros((BATCH,), jnp.int32))
+  conditional = UNet(**SMALL_CLASS_LEGACY)
+  with pytest.raises(ValueError, match="class-conditional"):
+    conditional.init(jax.random.key(0), x, t)
