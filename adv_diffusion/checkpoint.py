@@ -92,22 +92,26 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(workdir, "checkpoints")
 
 
-def load_model_weights(workdir: str, step: int, target_model: dict) -> tuple[dict, int]:
-  """Params and EMA params of another run's checkpoint (`step` = -1: latest) and its step."""
+def load_model_weights(workdir: str, step: int, target_model: dict,
+                       train_command: str = "") -> tuple[dict, int]:
+  """Params and EMA params of another run's checkpoint (`step` = -1: latest) and its step.
+
+  `train_command` (how to train that run) is quoted when the run has no checkpoint.
+  """
   directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
-    raise CheckpointError(f"no checkpoints found in {directory}; train that run first or fix "
-                          "the path")
+  how = (f"train that run first with `{train_command}`" if train_command
+         else "train that run first or fix the path")
+  if not os.path.isdir(directory) or not any(d.isdigit() for d in os.listdir(directory)):
+    raise CheckpointError(f"no checkpoint found in {directory} to initialise from; {how}.")
   ckpt = Checkpointer(directory, save_every=1, keep=1, async_save=False, read_only=True)
   try:
     steps = ckpt.all_steps()
-    if not steps:
-      raise CheckpointError(f"no checkpoints found in {directory}; train that run first")
     if step == -1:
       step = max(steps)
     elif step not in steps:
       raise CheckpointError(f"checkpoint step {step} is not in {directory} (available: "
-                            f"{sorted(steps)})")
+                            f"{sorted(steps)}); {how} to step {step} or set "
+                            "config.train.init_from_step")
     try:
       model = ckpt.restore_model(step, target_model)
     except (ValueError, KeyError, TypeError) as exc:

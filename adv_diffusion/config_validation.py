@@ -53,6 +53,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _validate_diffusion(config)
   _validate_optim(config)
   _validate_train(config)
+  _validate_adversarial(config)
 
 
 def _validate_data(config) -> None:
@@ -112,6 +113,7 @@ def _validate_diffusion(config) -> None:
   _check_choice(config, "diffusion.timestep_sampler", ("uniform", "loss-second-moment"))
   _check_int(config, "diffusion.sampler_history", 1)
   _check_float(config, "diffusion.sampler_uniform_prob", 0.0, 1.0)
+  _check_float(config, "diffusion.input_perturbation", 0.0, float("inf"))
 
 
 def _validate_optim(config) -> None:
@@ -137,3 +139,22 @@ def _validate_train(config) -> None:
   _check_int(config, "train.sample_grid_size", 1)
   if t.init_from_step < -1:
     _fail("train.init_from_step", t.init_from_step, "use -1 (latest) or a checkpoint step ≥ 0")
+
+
+def _validate_adversarial(config) -> None:
+  from adv_diffusion import adversarial, losses
+
+  _check_choice(config, "adversarial.mode", ("none", "fast", "pgd"))
+  _check_int(config, "adversarial.num_replays", 1)
+  _check_int(config, "adversarial.pgd_steps", 1)
+  _check_float(config, "adversarial.step_size", 0.0, float("inf"))
+  _check_float(config, "adversarial.radius", 0.0, float("inf"))
+  _check_choice(config, "adversarial.norm", adversarial.NORMS)
+  _check_choice(config, "adversarial.target", losses.TARGET_TYPES)
+  _check_choice(config, "adversarial.init", adversarial.INITS)
+  _check_float(config, "adversarial.init_magnitude", 0.0, float("inf"))
+  _check_choice(config, "adversarial.radius_schedule", adversarial.RADIUS_SCHEDULES)
+  _check_int(config, "adversarial.radius_grid_steps", 1)
+  if config.adversarial.radius_grid_steps > config.diffusion.num_timesteps:
+    _fail("adversarial.radius_grid_steps", config.adversarial.radius_grid_steps,
+          f"use at most diffusion.num_timesteps = {config.diffusion.num_timesteps}")

@@ -26,9 +26,8 @@ def benchmark(compute_dtype: str, batch_size: int, steps: int) -> dict:
   diffusion = train.create_diffusion(config)
   tx = train.create_optimizer(config.optim)
   repl = parallel.replicated(mesh)
-  state = jax.jit(lambda k: train.init_train_state(model, tx, config, k),
-                  out_shardings=repl)(jax.random.key(0))
-  step_fn = train.compile_train_step(model, diffusion, tx, config, mesh)
+  state = train.create_train_state(model, tx, config, jax.random.key(0), mesh)
+  step_fn = train.compile_train_step(model, diffusion, tx, config, mesh, state)
   rng = np.random.default_rng(0)
   batch = parallel.global_batch_from_local(
       {"image": rng.integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8),

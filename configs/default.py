@@ -48,6 +48,21 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.timestep_sampler = "loss-second-moment"  # "uniform" | "loss-second-moment" (ADM importance sampler)
   diffusion.sampler_history = 10  # losses kept per timestep by the importance sampler
   diffusion.sampler_uniform_prob = 0.001  # uniform mixing probability of the importance sampler
+  diffusion.input_perturbation = 0.0  # ADM-IP γ: x_t built from ε + γ·ξ, target ε; 0 = off
+
+  # ---- adversarial training (PAPER.md §3-§4) ---------------------------------------------
+  config.adversarial = adv = ml_collections.ConfigDict()
+  adv.mode = "none"  # "none" (plain ADM) | "fast" (the authors' Free-AT loop) | "pgd"
+  adv.num_replays = 3  # K of "fast": forward/backward + optimizer + EMA updates per minibatch
+  adv.pgd_steps = 1  # k of "pgd": ascent steps on δ with θ fixed, then one update
+  adv.step_size = 0.1  # η (authors' adv_lr): ℓ2 step length, or ℓ∞ per-pixel step
+  adv.radius = 0.1  # ρ (authors' max_norm): ℓ2 ball radius sqrt(d)·ρ, ℓ∞ radius ρ per pixel
+  adv.norm = "l2"  # "l2" (normalised ascent, the paper's) | "linf" (sign ascent, per-pixel clip)
+  adv.target = "delta_detach"  # "delta_detach" ε + sg[δ]/σ_t | "delta" ε + δ/σ_t | "original" ε
+  adv.init = "zero"  # δ at each minibatch: "zero" (authors) | "random" | "carry" (Free-AT)
+  adv.init_magnitude = 0.0  # size of a random initial δ (ℓ2: ‖δ‖ = sqrt(d)·this; ℓ∞: per pixel)
+  adv.radius_schedule = "constant"  # "constant" ρ | "ddim_gap": r_t = min(sqrt(2−2·sqrt(ᾱ_t/ᾱ_s)), ρ)
+  adv.radius_grid_steps = 50  # DDIM grid whose step gap defines s in the "ddim_gap" radius
 
   # ---- optimiser (AdamW as ADM) -----------------------------------------------------------
   config.optim = optim = ml_collections.ConfigDict()
@@ -74,5 +89,6 @@ def get_config() -> ml_collections.ConfigDict:
   train.sample_respacing = "50"  # ADM respacing of the grid's ancestral sampler
   train.init_from = ""  # workdir of another run: start from its params and EMA, fresh optimizer
   train.init_from_step = -1  # checkpoint step of `init_from`; -1 = its latest
+  train.init_from_command = ""  # how to train the `init_from` run (shown when it is missing)
 
   return config

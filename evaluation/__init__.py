@@ -1,0 +1,6 @@
+"""FID pipeline (imports nothing from adv_diffusion): weights, network, preprocessing, metrics.
+
+inception (Flax FID Inception-v3 + torch-free weight loader), convert_inception (CLI, torch),
+preprocess (resize rules), features (sharded extraction), fid (statistics and scores), metrics
+(end-to-end evaluation with provenance), errors (EvaluationError).
+"""

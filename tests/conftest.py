@@ -1,5 +1,13 @@
-"""Shared pytest setup: float64 is not enabled globally; tests run on the CPU."""
+"""Shared pytest setup: CPU only, and a persistent XLA compilation cache.
+
+The cache lets the many small training runs of the suite (in this process and in the
+`main.py` subprocesses of `tests/run_utils.py`) compile each distinct program once.
+"""
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "adv_diffusion_test_jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")

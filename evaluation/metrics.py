@@ -1,0 +1,145 @@
+"""End-to-end scores with provenance: reference statistics from images or files, then evaluate().
+
+DESIGN.md (FID provenance): every number carries the weights hash, the resize rule, the reference
+file and its hash and the sample count; the caller adds what only it knows (uint8 rounding rule,
+checkpoint step, EMA or raw weights) through `provenance=`.
+"""
+
+import dataclasses
+import os
+from typing import Any
+
+import numpy as np
+
+from evaluation import features as features_lib
+from evaluation import fid, inception, preprocess
+from evaluation.errors import EvaluationError, validate_images
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Reference:
+  """Reference-set statistics (FID, sFID) and, when computed from images, its pool features."""
+  pool: fid.FIDStatistics
+  spatial: fid.FIDStatistics | None
+  pool_features: np.ndarray | None
+  provenance: dict
+
+
+def pipeline_provenance(weights: inception.InceptionWeights, resize_rule: str) -> dict:
+  """The fields that fix how images become features (equal fields = comparable numbers)."""
+  return {
+      "network": "FID Inception-v3, TF 2015-12-05 graph (Flax port of pytorch-fid's "
+                 "fid_inception_v3)",
+      "weights_sha256": weights.sha256,
+      "weights_file": os.path.basename(weights.path),
+      "resize_rule": resize_rule,
+      "resize": preprocess.RESIZE_RULES[resize_rule],
+      "fid_features": "pool_3 (2048)",
+      "sfid_features": "mixed_6/conv[..., :7] = Mixed_6d.branch1x1 (17*17*7 = 2023, HWC order)",
+  }
+
+
+def _weights(weights: Any) -> inception.InceptionWeights:
+  if isinstance(weights, inception.InceptionWeights):
+    return weights
+  return inception.load_inception_weights(weights)
+
+
+def image_statistics(images: Any, weights: Any = None,
+                     resize_rule: str = preprocess.DEFAULT_RESIZE_RULE, batch_size: int = 200,
+                     logits: bool | None = False, progress: bool = True,
+                     ) -> tuple[dict[str, np.ndarray], fid.FIDStatistics, fid.FIDStatistics]:
+  """(features, pool statistics, spatial statistics) of uint8 NHWC images (at least 2)."""
+  images = validate_images(images, min_count=2)
+  weights = _weights(weights)
+  feats = features_lib.extract_features(images, weights, batch_size, resize_rule, logits=logits,
+                                        progress=progress)
+  record = pipeline_provenance(weights, resize_rule)
+  record["count"] = int(images.shape[0])
+  pool = fid.compute_statistics(feats["pool"], batch_size=4096, provenance=record)
+  spatial = fid.compute_statistics(feats["spatial"], batch_size=4096, provenance=record)
+  return feats, pool, spatial
+
+
+def load_reference(path: str, weights: Any = None,
+                   resize_rule: str = preprocess.DEFAULT_RESIZE_RULE, batch_size: int = 200,
+                   progress: bool = True) -> Reference:
+  """A reference from an image npz (ADM reference batch `arr_0`) or a statistics npz.
+
+  From images, the statistics are recomputed with this pipeline (an ADM batch's precomputed
+  `mu`/`sigma` came from TF and are ignored, so both sides of the FID share one pipeline); the
+  pool features are kept for precision/recall. From a statistics file (ours, pytorch-fid's) only
+  FID and, when `mu_s`/`sigma_s` are present, sFID can be computed.
+  """
+  if not os.path.isfile(path):
+    raise EvaluationError(f"reference file {path} does not exist.")
+  source = {"reference_file": os.path.abspath(path),
+            "reference_sha256": inception.file_sha256(path)}
+  with np.load(path, allow_pickle=False) as data:
+    has_images = "arr_0" in data.files
+    images = data["arr_0"] if has_images else None
+  if not has_images:
+    stats = fid.load_statistics(path)
+    record = dict(stats.provenance)
+    record.update(source)
+    return Reference(stats.pool, stats.spatial, None, record)
+  feats, pool, spatial = image_statistics(images, weights, resize_rule, batch_size,
+                                          progress=progress)
+  record = dict(pool.provenance)
+  record.update(source)
+  return Reference(pool, spatial, feats["pool"], record)
+
+
+def save_reference(path: str, reference: Reference) -> str:
+  """Writes a reference's statistics and provenance (see `fid.save_statistics`); returns sha256."""
+  return fid.save_statistics(path, reference.pool, reference.spatial, reference.provenance)
+
+
+_PIPELINE_KEYS = ("weights_sha256", "resize_rule")
+
+
+def evaluate(samples: Any, reference: Reference | str, weights: Any = None,
+             resize_rule: str = preprocess.DEFAULT_RESIZE_RULE, batch_size: int = 200,
+             inception_score: bool | None = None, precision_recall: bool = True,
+             provenance: dict | None = None, progress: bool = True,
+             fid_method: str = "sqrtm") -> dict[str, Any]:
+  """FID, sFID, Inception Score and precision/recall of uint8 samples, with provenance.
+
+  `inception_score`: None = when the weights have the classifier, True = required. Precision and
+  recall need a reference built from images. A reference whose recorded weights hash or resize
+  rule differs from this pipeline's is refused (such an FID compares two pipelines, not models).
+  `fid_method`: "sqrtm" (pytorch-fid's numerics) or "eigh" (same value, faster; see
+  `fid.frechet_distance`).
+  """
+  weights = _weights(weights)
+  if not isinstance(reference, Reference):
+    reference = load_reference(reference, weights, resize_rule, batch_size, progress)
+  mine = pipeline_provenance(weights, resize_rule)
+  for key in _PIPELINE_KEYS:
+    theirs = reference.provenance.get(key)
+    if theirs is not None and theirs != mine[key]:
+      raise EvaluationError(f"the reference statistics were computed with {key} = {theirs!r} but "
+                            f"this pipeline uses {mine[key]!r}; recompute them from images.")
+  if inception_score and not weights.has_logits:
+    raise EvaluationError(features_lib.logits_missing_message(weights.path))
+  want_is = weights.has_logits if inception_score is None else inception_score
+  feats, pool, spatial = image_statistics(samples, weights, resize_rule, batch_size,
+                                          logits=want_is, progress=progress)
+  result: dict[str, Any] = {"fid": fid.fid_from_statistics(pool, reference.pool,
+                                                           method=fid_method)}
+  if reference.spatial is not None:
+    result["sfid"] = fid.fid_from_statistics(spatial, reference.spatial, method=fid_method)
+  if want_is:
+    result["inception_score"], result["inception_score_std"] = fid.inception_score(
+        feats["logits"])
+  if precision_recall and reference.pool_features is not None:
+    result["precision"], result["recall"] = fid.precision_recall(reference.pool_features,
+                                                                 feats["pool"])
+  record = dict(mine)
+  record.update(frechet_method=fid_method, num_samples=int(feats["pool"].shape[0]),
+                reference_count=reference.pool.count,
+                reference_file=reference.provenance.get("reference_file"),
+                reference_sha256=reference.provenance.get("reference_sha256"))
+  record.update(provenance or {})
+  result["provenance"] = record
+  return result
