@@ -1,4 +1,4 @@
-"""Entry point: python main.py --config=configs/<name>.py --workdir=DIR [--mode=train].
+"""Entry point: python main.py --config=configs/<name>.py --workdir=DIR [--mode=train|sample].
 
 Any config key can be overridden, e.g. --config.train.batch_size=32.
 """
@@ -16,7 +16,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a configs/<name>.py file.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-flags.DEFINE_enum("mode", "train", ["train"], "What to run.")
+flags.DEFINE_enum("mode", "train", ["train", "sample"],
+                 "What to run: train, or sample (config.sampling from the workdir's checkpoint).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -66,6 +67,9 @@ def main(argv):
   try:
     if FLAGS.mode == "train":
       train.train_and_evaluate(config, FLAGS.workdir)
+    elif FLAGS.mode == "sample":
+      from sampling import generate
+      generate.generate_from_config(config, FLAGS.workdir)
   except UserFacingError as exc:
     print(f"Error: {exc}", file=sys.stderr)
     sys.exit(1)

@@ -92,26 +92,36 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(workdir, "checkpoints")
 
 
-def load_model_weights(workdir: str, step: int, target_model: dict,
-                       train_command: str = "") -> tuple[dict, int]:
-  """Params and EMA params of another run's checkpoint (`step` = -1: latest) and its step.
+def checkpoint_steps(directory: str) -> list[int]:
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
 
-  `train_command` (how to train that run) is quoted when the run has no checkpoint.
-  """
+
+def require_checkpoint(workdir: str, step: int, train_command: str = "") -> int:
+  """The step of `workdir`'s checkpoint to start from (`step` = -1: latest), or a one-sentence
+  CheckpointError that quotes `train_command` (how to train that run)."""
   directory = checkpoint_dir(workdir)
   how = (f"train that run first with `{train_command}`" if train_command
          else "train that run first or fix the path")
-  if not os.path.isdir(directory) or not any(d.isdigit() for d in os.listdir(directory)):
+  steps = checkpoint_steps(directory)
+  if not steps:
     raise CheckpointError(f"no checkpoint found in {directory} to initialise from; {how}.")
+  if step == -1:
+    return steps[-1]
+  if step not in steps:
+    raise CheckpointError(f"checkpoint step {step} is not in {directory} (available: {steps}); "
+                          f"{how} to step {step} or set config.train.init_from_step.")
+  return step
+
+
+def load_model_weights(workdir: str, step: int, target_model: dict,
+                       train_command: str = "") -> tuple[dict, int]:
+  """Params and EMA params of another run's checkpoint (`step` = -1: latest) and its step."""
+  step = require_checkpoint(workdir, step, train_command)
+  directory = checkpoint_dir(workdir)
   ckpt = Checkpointer(directory, save_every=1, keep=1, async_save=False, read_only=True)
   try:
-    steps = ckpt.all_steps()
-    if step == -1:
-      step = max(steps)
-    elif step not in steps:
-      raise CheckpointError(f"checkpoint step {step} is not in {directory} (available: "
-                            f"{sorted(steps)}); {how} to step {step} or set "
-                            "config.train.init_from_step")
     try:
       model = ckpt.restore_model(step, target_model)
     except (ValueError, KeyError, TypeError) as exc:

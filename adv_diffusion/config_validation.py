@@ -54,6 +54,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _validate_optim(config)
   _validate_train(config)
   _validate_adversarial(config)
+  _validate_sampling(config)
 
 
 def _validate_data(config) -> None:
@@ -158,3 +159,24 @@ def _validate_adversarial(config) -> None:
   if config.adversarial.radius_grid_steps > config.diffusion.num_timesteps:
     _fail("adversarial.radius_grid_steps", config.adversarial.radius_grid_steps,
           f"use at most diffusion.num_timesteps = {config.diffusion.num_timesteps}")
+
+
+def _validate_sampling(config) -> None:
+  from sampling.registry import METHODS
+
+  s = config.sampling
+  _check_choice(config, "sampling.method", METHODS)
+  _check_int(config, "sampling.nfe", 1)
+  _check_int(config, "sampling.num_samples", 1)
+  _check_int(config, "sampling.batch_size", 1)
+  _check_int(config, "sampling.seed", 0)
+  _check_int(config, "sampling.ema_index", 0)
+  if s.ema_index >= len(config.train.ema_rates):
+    _fail("sampling.ema_index", s.ema_index,
+          f"use an index below the {len(config.train.ema_rates)} rate(s) of train.ema_rates")
+  _check_int(config, "sampling.checkpoint_step", -1)
+  for key in ("use_ema", "clip_denoised"):
+    if not isinstance(s[key], bool):
+      _fail(f"sampling.{key}", s[key], "use True or False")
+  _check_float(config, "sampling.eps_scale", 0.0, float("inf"), low_open=True)
+  _check_float(config, "sampling.eta", 0.0, float("inf"))

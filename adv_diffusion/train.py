@@ -382,6 +382,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     os.makedirs(workdir, exist_ok=True)
     _write_config(config, workdir)
 
+  t = config.train
+  resuming = bool(ckpt_lib.checkpoint_steps(ckpt_lib.checkpoint_dir(workdir)))
+  if t.init_from and not resuming:
+    # Fail before loading data or compiling when the run to start from is missing.
+    ckpt_lib.require_checkpoint(t.init_from, t.init_from_step, t.init_from_command)
   dataset = data_lib.load_dataset(config.data.dataset, config.data.split, config.data.data_dir)
   model = create_unet(config)
   diffusion = create_diffusion(config)
@@ -393,7 +398,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   logging.info("UNet parameters: %d",
                sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params)))
 
-  t = config.train
   checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir),
                                        save_every=t.checkpoint_every, keep=t.keep_checkpoints,
                                        keep_every=t.keep_every,

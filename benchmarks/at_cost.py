@@ -8,12 +8,7 @@ Targets (issue 3): fast ≤ 1.05× plain per update; pgd-k ≤ (k + 1)·1.05× p
 import argparse
 import statistics
 
-import jax
-import numpy as np
-
-from adv_diffusion import parallel, train
-from adv_diffusion.nets.factory import create_unet
-from benchmarks.common import machine_info, time_calls, write_json
+from benchmarks.common import compiled_cifar10_step, machine_info, time_calls, write_json
 from configs import cifar10_adm
 
 VARIANTS = {  # name: (adversarial overrides, optimizer updates per minibatch)
@@ -31,23 +26,7 @@ def time_variant(overrides: dict, batch_size: int, steps: int, compute_dtype: st
   config.train.batch_size = batch_size
   for key, value in overrides.items():
     config.adversarial[key] = value
-  mesh = parallel.make_mesh()
-  model = create_unet(config)
-  diffusion = train.create_diffusion(config)
-  tx = train.create_optimizer(config.optim)
-  state = train.create_train_state(model, tx, config, jax.random.key(0), mesh)
-  step_fn = train.compile_train_step(model, diffusion, tx, config, mesh, state)
-  rng = np.random.default_rng(0)
-  batch = parallel.global_batch_from_local(
-      {"image": rng.integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8),
-       "label": np.zeros((batch_size,), np.int32)}, mesh)
-  key = jax.device_put(jax.random.key(1), parallel.replicated(mesh))
-  holder = {"state": state}
-
-  def one_step():
-    holder["state"], metrics = step_fn(holder["state"], batch, key)
-    jax.block_until_ready(metrics)
-
+  one_step = compiled_cifar10_step(config)
   return statistics.median(time_calls(one_step, steps))
 
 

@@ -8,6 +8,8 @@ import time
 from typing import Callable
 
 import jax
+import ml_collections
+import numpy as np
 
 
 def machine_info() -> dict:
@@ -41,3 +43,30 @@ def write_json(path: str | None, payload: dict) -> None:
   if path:
     with open(path, "w") as f:
       f.write(text + "\n")
+
+
+def compiled_cifar10_step(config: ml_collections.ConfigDict) -> Callable[[], None]:
+  """A closure running one jit-compiled train step of `config` on a fixed random batch."""
+  from adv_diffusion import parallel, train
+  from adv_diffusion.nets.factory import create_unet
+
+  batch_size = config.train.batch_size
+  mesh = parallel.make_mesh()
+  model = create_unet(config)
+  diffusion = train.create_diffusion(config)
+  tx = train.create_optimizer(config.optim)
+  state = train.create_train_state(model, tx, config, jax.random.key(0), mesh)
+  step_fn = train.compile_train_step(model, diffusion, tx, config, mesh, state)
+  rng = np.random.default_rng(0)
+  size, channels = config.data.image_size, config.data.channels
+  batch = parallel.global_batch_from_local(
+      {"image": rng.integers(0, 256, (batch_size, size, size, channels), dtype=np.uint8),
+       "label": np.zeros((batch_size,), np.int32)}, mesh)
+  key = jax.device_put(jax.random.key(1), parallel.replicated(mesh))
+  holder = {"state": state}
+
+  def one_step() -> None:
+    holder["state"], metrics = step_fn(holder["state"], batch, key)
+    jax.block_until_ready(metrics)
+
+  return one_step

@@ -9,8 +9,8 @@ minibatch), ℓ2 normalised ascent with step η = 0.1, radius factor ρ = 0.1, t
 from configs import cifar10_adm
 
 
-def get_config():
-  config = cifar10_adm.get_config()
+def apply_paper_at(config):
+  """The authors' AT settings (PAPER.md §4), shared by every *_at config."""
   config.adversarial.mode = "fast"
   config.adversarial.num_replays = 3
   config.adversarial.step_size = 0.1
@@ -18,6 +18,11 @@ def get_config():
   config.adversarial.norm = "l2"
   config.adversarial.target = "delta_detach"
   config.adversarial.init = "zero"
+  return config
+
+
+def get_config():
+  config = apply_paper_at(cifar10_adm.get_config())
   config.train.num_steps = 200_000
   config.train.init_from = "runs/cifar10_adm"
   config.train.init_from_step = 250_000

@@ -91,4 +91,18 @@ def get_config() -> ml_collections.ConfigDict:
   train.init_from_step = -1  # checkpoint step of `init_from`; -1 = its latest
   train.init_from_command = ""  # how to train the `init_from` run (shown when it is missing)
 
+  # ---- sample generation (--mode=sample) ----------------------------------------------------
+  config.sampling = sampling = ml_collections.ConfigDict()
+  sampling.method = "ddim"  # "ancestral" | "ancestral_es" | "ddim" | "dpm_solver" | "dpm_solver++"
+  sampling.nfe = 50  # model calls per sample (respaced steps, or DPM-Solver calls)
+  sampling.num_samples = 50000  # size of the sample set written to workdir/samples/<tag>.npz
+  sampling.batch_size = 256  # GLOBAL batch (one chunk file), split over all devices
+  sampling.use_ema = True  # sample with EMA params (True) or the raw params (False)
+  sampling.ema_index = 0  # which rate of train.ema_rates when use_ema
+  sampling.checkpoint_step = -1  # checkpoint step of this workdir to sample from; -1 = latest
+  sampling.seed = 0  # sampling PRNG seed (not the train seed); sample i uses fold_in(seed, i)
+  sampling.clip_denoised = True  # clip predicted x_0 to [-1, 1] (ancestral, ancestral_es, ddim)
+  sampling.eps_scale = 1.017  # ADM-ES ε divisor (ancestral_es only; 1.017 = paper, CIFAR-10)
+  sampling.eta = 0.0  # DDIM η (ddim only): 0 = deterministic ODE, 1 = DDPM-like noise
+
   return config

@@ -23,4 +23,5 @@ def get_config():
   config.train.ema_rates = (0.995,)  # half-life ~140 steps: a short run
   config.train.checkpoint_every = 200
   config.train.sample_every = 600
+  config.sampling.num_samples = 1024  # the embedded set has 1,797 images
   return config

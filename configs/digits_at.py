@@ -5,16 +5,11 @@ Train the clean run first (README, first command), then:
 """
 
 from configs import digits_adm
+from configs.cifar10_at import apply_paper_at
 
 
 def get_config():
-  config = digits_adm.get_config()
-  config.adversarial.mode = "fast"
-  config.adversarial.num_replays = 3
-  config.adversarial.step_size = 0.1
-  config.adversarial.radius = 0.1
-  config.adversarial.norm = "l2"
-  config.adversarial.target = "delta_detach"
+  config = apply_paper_at(digits_adm.get_config())
   config.optim.learning_rate = 2e-4  # fine-tuning: a smaller rate than the clean run's 1e-3
   config.optim.warmup_steps = 0
   config.train.num_steps = 300

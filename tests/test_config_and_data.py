@@ -15,7 +15,8 @@ from adv_diffusion.errors import ConfigError, DatasetNotPreparedError
 from tests import run_utils
 
 
-@pytest.mark.parametrize("name", ["default", "digits_adm", "cifar10_adm", "imagenet64_adm"])
+@pytest.mark.parametrize("name", ["default", "digits_adm", "cifar10_adm", "imagenet64_adm",
+                                  "digits_at", "cifar10_at", "cifar10_ip"])
 def test_shipped_configs_are_valid(name):
   validate_config(importlib.import_module(f"configs.{name}").get_config())
 
@@ -50,6 +51,13 @@ def test_cifar10_config_is_the_papers_recipe():
     ("train.batch_size", 0),
     ("train.ema_rates", (1.0,)),
     ("train.init_from_step", -5),
+    ("adversarial.mode", "free"),
+    ("adversarial.radius", -0.1),
+    ("adversarial.norm", "l1"),
+    ("adversarial.num_replays", 0),
+    ("adversarial.target", "x0"),
+    ("adversarial.init", "gaussian"),
+    ("diffusion.input_perturbation", -0.1),
 ])
 def test_bad_values_name_the_key(key, value):
   config = importlib.import_module("configs.digits_adm").get_config()
@@ -80,6 +88,11 @@ def test_cli_errors_are_one_sentence(tmp_path):
   missing = run_utils.run_main(str(tmp_path / "c"), f"--config.data.data_dir={tmp_path}/tfds",
                                config=f"{run_utils.REPO}/configs/cifar10_adm.py", check=False)
   _assert_one_sentence_error(missing, "'cifar10' is not prepared", "tfds build cifar10")
+  no_clean_run = run_utils.run_main(
+      str(tmp_path / "d"), f"--config.train.init_from={tmp_path}/clean",
+      config=f"{run_utils.REPO}/configs/cifar10_at.py", check=False)
+  _assert_one_sentence_error(no_clean_run, "no checkpoint found",
+                             "python main.py --config=configs/cifar10_adm.py")
 
 
 def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):

@@ -1,0 +1,154 @@
+"""`--mode=sample`: ADM-format output, batch/device invariance, SIGKILL resume, CLI errors."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sampling import generate
+from tests import run_utils
+
+TAG = "ddim_nfe3_step2_ema_seed0"
+SAMPLE = ("--mode=sample", "--config.sampling.method=ddim", "--config.sampling.nfe=3",
+          "--config.sampling.num_samples=12")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> str:
+  """A workdir with the tiny digits model trained for 2 steps (checkpoint at step 2)."""
+  workdir = str(tmp_path_factory.mktemp("trained"))
+  run_utils.run_main(workdir, "--config.train.num_steps=2",
+                     "--config.train.async_checkpointing=False")
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def reference(trained) -> dict:
+  """The 12-sample DDIM set drawn on 1 device in batches of 4 (3 chunks, none padded)."""
+  run_utils.run_main(trained, *SAMPLE, "--config.sampling.batch_size=4")
+  with np.load(os.path.join(trained, "samples", f"{TAG}.npz")) as f:
+    return dict(f)
+
+
+def _load_set(workdir: str, tag: str = TAG) -> np.ndarray:
+  with np.load(os.path.join(workdir, "samples", f"{tag}.npz")) as f:
+    assert set(f.files) == {"arr_0"}  # unconditional: no labels
+    return f["arr_0"]
+
+
+def _assert_one_sentence_error(result, *fragments):
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("Error: ")
+  for fragment in fragments:
+    assert fragment in last, last
+
+
+def test_sample_inputs_depend_only_on_seed_and_index():
+  shape = (4, 4, 1)
+  noise, keys, labels = generate.sample_inputs(3, jnp.arange(6), shape, 10)
+  sub_noise, sub_keys, sub_labels = generate.sample_inputs(3, jnp.asarray([4, 1]), shape, 10)
+  np.testing.assert_array_equal(np.asarray(sub_noise), np.asarray(noise)[[4, 1]])
+  np.testing.assert_array_equal(np.asarray(jax.random.key_data(sub_keys)),
+                                np.asarray(jax.random.key_data(keys))[[4, 1]])
+  np.testing.assert_array_equal(np.asarray(sub_labels), np.asarray(labels)[[4, 1]])
+  other, _, _ = generate.sample_inputs(4, jnp.arange(6), shape, 10)
+  assert not np.array_equal(np.asarray(other), np.asarray(noise))
+
+
+def test_sample_set_is_written_in_adm_format(trained, reference):
+  images = reference["arr_0"]
+  assert images.shape == (12, 16, 16, 1) and images.dtype == np.uint8
+  assert images.std() > 0
+  samples = os.path.join(trained, "samples")
+  with open(os.path.join(samples, f"{TAG}.json")) as f:
+    provenance = json.load(f)
+  assert provenance["checkpoint_step"] == 2 and provenance["weights"] == "ema"
+  assert provenance["method"] == "ddim" and provenance["nfe"] == 3
+  assert provenance["num_samples"] == 12 and provenance["seed"] == 0
+  assert provenance["rounding"] == "truncate"
+  assert os.path.exists(os.path.join(samples, f"{TAG}.png"))
+  (chunk_dir,) = [d for d in os.listdir(os.path.join(samples, TAG)) if d.startswith("b4_")]
+  chunks = sorted(os.listdir(os.path.join(samples, TAG, chunk_dir)))
+  assert chunks == ["chunk_00000000.npz", "chunk_00000004.npz", "chunk_00000008.npz"]
+
+
+def test_same_set_for_any_batch_size_and_device_count(trained, reference):
+  # Batch 12 on 1 device; batch 8 on 8 devices (one sample each, last chunk padded 4 → 8).
+  run_utils.run_main(trained, *SAMPLE, "--config.sampling.batch_size=12")
+  np.testing.assert_array_equal(_load_set(trained), reference["arr_0"])
+  run_utils.run_main(trained, *SAMPLE, "--config.sampling.batch_size=8", num_devices=8)
+  np.testing.assert_array_equal(_load_set(trained), reference["arr_0"])
+  # Each batch size has its own chunks: a rerun with another batch size never mixes them.
+  dirs = sorted(d.split("_")[0] for d in os.listdir(os.path.join(trained, "samples", TAG)))
+  assert dirs == ["b12", "b4", "b8"]
+  chunk_dir = [d for d in os.listdir(os.path.join(trained, "samples", TAG))
+               if d.startswith("b8_")][0]
+  with np.load(os.path.join(trained, "samples", TAG, chunk_dir, "chunk_00000008.npz")) as f:
+    assert f["arr_0"].shape == (4, 16, 16, 1)
+
+
+def test_rerun_after_sigkill_completes_the_identical_set(trained, tmp_path):
+  # nfe 100 makes each chunk of 2 slow enough (~0.3 s) for the kill to land mid-run.
+  overrides = ("--mode=sample", "--config.sampling.method=ddim", "--config.sampling.nfe=100",
+               "--config.sampling.num_samples=15")
+  tag = "ddim_nfe100_step2_ema_seed0"
+  shutil.copytree(os.path.join(trained, "checkpoints"), tmp_path / "checkpoints")
+  reference = tmp_path / "reference"
+  shutil.copytree(os.path.join(trained, "checkpoints"), reference / "checkpoints")
+  run_utils.run_main(str(reference), *overrides, "--config.sampling.batch_size=16")
+  expected = _load_set(str(reference), tag)
+
+  killed = str(tmp_path)
+  killed_overrides = (*overrides, "--config.sampling.batch_size=2")  # 8 chunks, the last of 1
+  proc = subprocess.Popen(run_utils.main_command(killed, *killed_overrides), cwd=run_utils.REPO,
+                          env=run_utils.subprocess_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  tag_dir = tmp_path / "samples" / tag
+
+  def chunk_files() -> list[str]:
+    if not tag_dir.exists():
+      return []
+    return sorted(str(p) for p in tag_dir.glob("b2_*/chunk_*.npz"))
+
+  deadline = time.time() + 300
+  while not chunk_files() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.005)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "sampling ended before it could be killed"
+  done = chunk_files()
+  assert 1 <= len(done) < 8
+  assert not (tmp_path / "samples" / f"{tag}.npz").exists()
+  mtimes = {p: os.stat(p).st_mtime_ns for p in done}
+
+  run_utils.run_main(killed, *killed_overrides)
+  result = _load_set(killed, tag)
+  assert result.shape[0] == 15
+  np.testing.assert_array_equal(result, expected)
+  assert len(chunk_files()) == 8
+  # Finished chunks were kept, not redrawn.
+  assert {p: os.stat(p).st_mtime_ns for p in done} == mtimes
+
+
+def test_bad_sampling_settings_are_one_sentence_errors(trained, tmp_path):
+  unknown = run_utils.run_main(trained, *SAMPLE, "--config.sampling.method=euler", check=False)
+  _assert_one_sentence_error(unknown, "config.sampling.method = 'euler'", "'dpm_solver++'")
+  zero_nfe = run_utils.run_main(trained, *SAMPLE, "--config.sampling.nfe=0", check=False)
+  _assert_one_sentence_error(zero_nfe, "config.sampling.nfe = 0", "≥ 1")
+  indivisible = run_utils.run_main(trained, *SAMPLE, "--config.sampling.batch_size=12",
+                                   num_devices=8, check=False)
+  _assert_one_sentence_error(indivisible, "config.sampling.batch_size = 12", "8 devices")
+  too_few_steps = run_utils.run_main(trained, *SAMPLE, "--config.sampling.method=dpm_solver",
+                                     "--config.sampling.nfe=1", check=False)
+  _assert_one_sentence_error(too_few_steps, "config.sampling", "at least 3 model calls")
+  untrained = run_utils.run_main(str(tmp_path / "untrained"), *SAMPLE, check=False)
+  _assert_one_sentence_error(untrained, "no checkpoint found", "--mode=train")
