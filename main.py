@@ -1,4 +1,4 @@
-"""Entry point: python main.py --config=configs/<name>.py --workdir=DIR [--mode=train|sample].
+"""Entry point: python main.py --config=configs/<name>.py --workdir=DIR [--mode=MODE].
 
 Any config key can be overridden, e.g. --config.train.batch_size=32.
 """
@@ -16,8 +16,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a configs/<name>.py file.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-flags.DEFINE_enum("mode", "train", ["train", "sample"],
-                 "What to run: train, or sample (config.sampling from the workdir's checkpoint).")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "fid_stats", "eval"],
+                 "What to run: train; sample (config.sampling from the workdir's checkpoint); "
+                 "fid_stats (reference statistics of config.data); eval (FID of a sample set).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -53,6 +54,7 @@ def main(argv):
 
   from adv_diffusion import train
   from adv_diffusion.errors import UserFacingError
+  from evaluation.errors import EvaluationError
 
   try:
     config = FLAGS.config
@@ -70,7 +72,11 @@ def main(argv):
     elif FLAGS.mode == "sample":
       from sampling import generate
       generate.generate_from_config(config, FLAGS.workdir)
-  except UserFacingError as exc:
+    elif FLAGS.mode in ("fid_stats", "eval"):
+      from adv_diffusion import eval_modes
+      run = eval_modes.fid_stats if FLAGS.mode == "fid_stats" else eval_modes.evaluate_samples
+      run(config, FLAGS.workdir)
+  except (UserFacingError, EvaluationError) as exc:
     print(f"Error: {exc}", file=sys.stderr)
     sys.exit(1)
 

@@ -180,3 +180,12 @@ def _validate_sampling(config) -> None:
       _fail(f"sampling.{key}", s[key], "use True or False")
   _check_float(config, "sampling.eps_scale", 0.0, float("inf"), low_open=True)
   _check_float(config, "sampling.eta", 0.0, float("inf"))
+
+
+def _validate_evaluation(config) -> None:
+  _check_choice(config, "evaluation.resize_rule", ("tf1_bilinear", "pytorch_bilinear"))
+  _check_int(config, "evaluation.batch_size", 1)
+  _check_int(config, "evaluation.max_reference_images", 0)
+  if config.evaluation.max_reference_images == 1:
+    _fail("evaluation.max_reference_images", 1, "FID needs at least 2 images; use 0 (all) or ≥ 2")
+  _check_choice(config, "evaluation.fid_method", ("sqrtm", "eigh"))

@@ -105,4 +105,15 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.eps_scale = 1.017  # ADM-ES ε divisor (ancestral_es only; 1.017 = paper, CIFAR-10)
   sampling.eta = 0.0  # DDIM η (ddim only): 0 = deterministic ODE, 1 = DDPM-like noise
 
+  # ---- evaluation (--mode=fid_stats, --mode=eval) -----------------------------------------
+  config.evaluation = evaluation = ml_collections.ConfigDict()
+  evaluation.reference = ""  # reference statistics/image npz; "" = workdir/eval/reference_<data>.npz
+  evaluation.samples = ""  # sample npz to score; "" = the newest set named by config.sampling
+  evaluation.inception_weights = ""  # converted FID Inception npz; "" = $ADV_DIFFUSION_INCEPTION or cache
+  evaluation.resize_rule = "tf1_bilinear"  # "tf1_bilinear" (ADM/TF, paper) | "pytorch_bilinear"
+  evaluation.batch_size = 200  # images per Inception batch (split over devices)
+  evaluation.max_reference_images = 0  # use only the first N images of the split; 0 = all
+  evaluation.precision_recall = True  # k-NN precision/recall (needs an image reference)
+  evaluation.fid_method = "sqrtm"  # "sqrtm" (pytorch-fid numerics) | "eigh" (same value, faster)
+
   return config

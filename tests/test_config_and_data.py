@@ -58,6 +58,9 @@ def test_cifar10_config_is_the_papers_recipe():
     ("adversarial.target", "x0"),
     ("adversarial.init", "gaussian"),
     ("diffusion.input_perturbation", -0.1),
+    ("evaluation.resize_rule", "bicubic"),
+    ("evaluation.max_reference_images", 1),
+    ("evaluation.fid_method", "newton"),
 ])
 def test_bad_values_name_the_key(key, value):
   config = importlib.import_module("configs.digits_adm").get_config()

@@ -1,0 +1,110 @@
+"""`--mode=fid_stats` and `--mode=eval`: the FID library (`evaluation/`) applied to a run.
+
+fid_stats: reference statistics of a dataset split, cached with provenance (dataset, split,
+count, Inception weights hash, resize rule) in `config.evaluation.reference` or
+`workdir/eval/reference_<dataset>_<split>.npz`.
+eval: scores a sample `.npz` (`config.evaluation.samples`, default the set that
+`config.sampling` names) against that reference; writes `workdir/eval/<samples>.json` with the
+scores and the full provenance of the number (weights hash, resize rule, reference file and hash,
+sample count, checkpoint step, EMA or raw, sampler, uint8 rule).
+"""
+
+import json
+import os
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from adv_diffusion import data as data_lib
+from adv_diffusion.config_validation import validate_config
+from evaluation import metrics
+
+
+def reference_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+  e, d = config.evaluation, config.data
+  if e.reference:
+    return e.reference
+  return os.path.join(workdir, "eval", f"reference_{d.dataset}_{d.split}.npz")
+
+
+def _weights_path(config: ml_collections.ConfigDict) -> str | None:
+  return config.evaluation.inception_weights or None
+
+
+def fid_stats(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Computes (or reuses) the reference statistics of `config.data`; returns their path."""
+  validate_config(config)
+  e, d = config.evaluation, config.data
+  path = reference_path(config, workdir)
+  dataset = data_lib.load_dataset(d.dataset, d.split, d.data_dir)
+  images = dataset.images
+  if e.max_reference_images:
+    images = images[:e.max_reference_images]
+  if os.path.isfile(path):
+    cached = metrics.load_reference(path, _weights_path(config), e.resize_rule, e.batch_size,
+                                    progress=False)
+    record = cached.provenance
+    if (record.get("dataset"), record.get("split"), record.get("count")) == (
+        d.dataset, d.split, int(images.shape[0])):
+      logging.info("Reference statistics already in %s.", path)
+      return path
+  _, pool, spatial = metrics.image_statistics(images, _weights_path(config), e.resize_rule,
+                                              e.batch_size)
+  record = dict(pool.provenance, dataset=d.dataset, split=d.split,
+                data_dir=d.data_dir or "TFDS default")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  metrics.save_reference(path, metrics.Reference(pool, spatial, None, record))
+  logging.info("Wrote reference statistics of %d %s/%s images to %s.", images.shape[0],
+               d.dataset, d.split, path)
+  return path
+
+
+def samples_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """`config.evaluation.samples`, else the newest `samples/<tag>.npz` of `config.sampling`."""
+  if config.evaluation.samples:
+    return config.evaluation.samples
+  from sampling import generate
+
+  directory = os.path.join(workdir, "samples")
+  prefix = generate.sample_tag(config, 0).split("_step")[0] + "_step"
+  candidates = sorted((f for f in os.listdir(directory) if f.startswith(prefix)
+                       and f.endswith(".npz")) if os.path.isdir(directory) else [],
+                      key=lambda f: os.path.getmtime(os.path.join(directory, f)))
+  if not candidates:
+    from adv_diffusion.errors import UserFacingError
+    raise UserFacingError(
+        f"no sample set {prefix}*.npz in {directory}; generate one first with --mode=sample "
+        "and the same config, or set config.evaluation.samples to an .npz path.")
+  return os.path.join(directory, candidates[-1])
+
+
+def evaluate_samples(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Scores a sample set against the reference statistics and writes the JSON record."""
+  validate_config(config)
+  e = config.evaluation
+  reference = reference_path(config, workdir)
+  if not os.path.isfile(reference):
+    from adv_diffusion.errors import UserFacingError
+    raise UserFacingError(f"reference statistics {reference} do not exist; compute them first "
+                          "with --mode=fid_stats and the same config.")
+  path = samples_path(config, workdir)
+  with np.load(path, allow_pickle=False) as data:
+    samples = data["arr_0"]
+  provenance = {"samples_file": os.path.abspath(path)}
+  sidecar = os.path.splitext(path)[0] + ".json"
+  if os.path.isfile(sidecar):  # written by --mode=sample: step, EMA or raw, sampler, rounding
+    with open(sidecar) as f:
+      provenance["samples_provenance"] = json.load(f)
+  result = metrics.evaluate(samples, reference, _weights_path(config), e.resize_rule,
+                            e.batch_size, inception_score=None,
+                            precision_recall=e.precision_recall, provenance=provenance,
+                            fid_method=e.fid_method)
+  out = os.path.join(workdir, "eval", os.path.splitext(os.path.basename(path))[0] + ".json")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(result, f, indent=2, default=float)
+  logging.info("FID %.3f over %d samples -> %s", result["fid"], samples.shape[0], out)
+  print(f"FID {result['fid']:.4f} ({samples.shape[0]} samples, reference "
+        f"{result['provenance']['reference_count']} images) -> {out}")
+  return result
