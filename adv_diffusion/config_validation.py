@@ -55,6 +55,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _validate_train(config)
   _validate_adversarial(config)
   _validate_sampling(config)
+  _validate_evaluation(config)
 
 
 def _validate_data(config) -> None:
