@@ -98,20 +98,22 @@ def checkpoint_steps(directory: str) -> list[int]:
   return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
 
 
-def require_checkpoint(workdir: str, step: int, train_command: str = "") -> int:
-  """The step of `workdir`'s checkpoint to start from (`step` = -1: latest), or a one-sentence
-  CheckpointError that quotes `train_command` (how to train that run)."""
+def require_checkpoint(workdir: str, step: int, train_command: str = "", *, how: str = "",
+                       purpose: str = "initialise from",
+                       step_key: str = "config.train.init_from_step") -> int:
+  """The step of `workdir`'s checkpoint to use (`step` = -1: latest), or a one-sentence
+  CheckpointError saying what to do: `how`, or else training that run with `train_command`."""
   directory = checkpoint_dir(workdir)
-  how = (f"train that run first with `{train_command}`" if train_command
-         else "train that run first or fix the path")
+  how = how or (f"train that run first with `{train_command}`" if train_command
+                else "train that run first or fix the path")
   steps = checkpoint_steps(directory)
   if not steps:
-    raise CheckpointError(f"no checkpoint found in {directory} to initialise from; {how}.")
+    raise CheckpointError(f"no checkpoint found in {directory} to {purpose}; {how}.")
   if step == -1:
     return steps[-1]
   if step not in steps:
     raise CheckpointError(f"checkpoint step {step} is not in {directory} (available: {steps}); "
-                          f"{how} to step {step} or set config.train.init_from_step.")
+                          f"{how} to step {step} or set {step_key}.")
   return step
 
 

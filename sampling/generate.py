@@ -25,7 +25,7 @@ from absl import logging
 from adv_diffusion import checkpoint as ckpt_lib
 from adv_diffusion import parallel
 from adv_diffusion.config_validation import validate_config
-from adv_diffusion.errors import CheckpointError, ConfigError
+from adv_diffusion.errors import ConfigError
 from adv_diffusion.nets.factory import create_unet
 from adv_diffusion.train import init_params
 from sampling import images as image_lib
@@ -104,18 +104,10 @@ def compile_batch_sampler(config: ml_collections.ConfigDict, sampler: Sampler,
 
 def resolve_checkpoint(workdir: str, step: int) -> int:
   """The checkpoint step to sample from (`step` = -1: latest), or a one-sentence CheckpointError."""
-  directory = ckpt_lib.checkpoint_dir(workdir)
-  steps = ckpt_lib.checkpoint_steps(directory)
   how = (f"train this run first with `python main.py --mode=train` and the same --config and "
          f"--workdir={workdir}")
-  if not steps:
-    raise CheckpointError(f"no checkpoint found in {directory} to sample from; {how}.")
-  if step == -1:
-    return steps[-1]
-  if step not in steps:
-    raise CheckpointError(f"checkpoint step {step} is not in {directory} (available: {steps}); "
-                          f"{how} to step {step} or set config.sampling.checkpoint_step.")
-  return step
+  return ckpt_lib.require_checkpoint(workdir, step, how=how, purpose="sample from",
+                                     step_key="config.sampling.checkpoint_step")
 
 
 def load_params(config: ml_collections.ConfigDict, workdir: str, step: int,

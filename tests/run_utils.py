@@ -57,3 +57,13 @@ def max_abs_diff(tree_a, tree_b) -> float:
                                                         - np.asarray(b, np.float64)))),
                        tree_a, tree_b)
   return max(jax.tree.leaves(diffs))
+
+
+def assert_one_sentence_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+  """main.py exited 1 with a last stderr line "Error: ..." holding `fragments`, no traceback."""
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("Error: ")
+  for fragment in fragments:
+    assert fragment in last, last

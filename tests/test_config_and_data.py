@@ -74,27 +74,18 @@ def test_bad_values_name_the_key(key, value):
   assert message.count("\n") == 0
 
 
-def _assert_one_sentence_error(result, *fragments):
-  assert result.returncode == 1, result.stderr[-2000:]
-  assert "Traceback" not in result.stderr
-  last = result.stderr.strip().splitlines()[-1]
-  assert last.startswith("Error: ")
-  for fragment in fragments:
-    assert fragment in last, last
-
-
 def test_cli_errors_are_one_sentence(tmp_path):
   bad_value = run_utils.run_main(str(tmp_path / "a"), "--config.model.dropout=1.5", check=False)
-  _assert_one_sentence_error(bad_value, "config.model.dropout = 1.5", "[0.0, 1.0)")
+  run_utils.assert_one_sentence_error(bad_value, "config.model.dropout = 1.5", "[0.0, 1.0)")
   unknown = run_utils.run_main(str(tmp_path / "b"), "--config.train.batchsize=3", check=False)
-  _assert_one_sentence_error(unknown, "--config.train.batchsize", "configs/default.py")
+  run_utils.assert_one_sentence_error(unknown, "--config.train.batchsize", "configs/default.py")
   missing = run_utils.run_main(str(tmp_path / "c"), f"--config.data.data_dir={tmp_path}/tfds",
                                config=f"{run_utils.REPO}/configs/cifar10_adm.py", check=False)
-  _assert_one_sentence_error(missing, "'cifar10' is not prepared", "tfds build cifar10")
+  run_utils.assert_one_sentence_error(missing, "'cifar10' is not prepared", "tfds build cifar10")
   no_clean_run = run_utils.run_main(
       str(tmp_path / "d"), f"--config.train.init_from={tmp_path}/clean",
       config=f"{run_utils.REPO}/configs/cifar10_at.py", check=False)
-  _assert_one_sentence_error(no_clean_run, "no checkpoint found",
+  run_utils.assert_one_sentence_error(no_clean_run, "no checkpoint found",
                              "python main.py --config=configs/cifar10_adm.py")
 
 

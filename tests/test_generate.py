@@ -43,15 +43,6 @@ def _load_set(workdir: str, tag: str = TAG) -> np.ndarray:
     return f["arr_0"]
 
 
-def _assert_one_sentence_error(result, *fragments):
-  assert result.returncode == 1, result.stderr[-2000:]
-  assert "Traceback" not in result.stderr
-  last = result.stderr.strip().splitlines()[-1]
-  assert last.startswith("Error: ")
-  for fragment in fragments:
-    assert fragment in last, last
-
-
 def test_sample_inputs_depend_only_on_seed_and_index():
   shape = (4, 4, 1)
   noise, keys, labels = generate.sample_inputs(3, jnp.arange(6), shape, 10)
@@ -141,14 +132,14 @@ def test_rerun_after_sigkill_completes_the_identical_set(trained, tmp_path):
 
 def test_bad_sampling_settings_are_one_sentence_errors(trained, tmp_path):
   unknown = run_utils.run_main(trained, *SAMPLE, "--config.sampling.method=euler", check=False)
-  _assert_one_sentence_error(unknown, "config.sampling.method = 'euler'", "'dpm_solver++'")
+  run_utils.assert_one_sentence_error(unknown, "config.sampling.method = 'euler'", "'dpm_solver++'")
   zero_nfe = run_utils.run_main(trained, *SAMPLE, "--config.sampling.nfe=0", check=False)
-  _assert_one_sentence_error(zero_nfe, "config.sampling.nfe = 0", "≥ 1")
+  run_utils.assert_one_sentence_error(zero_nfe, "config.sampling.nfe = 0", "≥ 1")
   indivisible = run_utils.run_main(trained, *SAMPLE, "--config.sampling.batch_size=12",
                                    num_devices=8, check=False)
-  _assert_one_sentence_error(indivisible, "config.sampling.batch_size = 12", "8 devices")
+  run_utils.assert_one_sentence_error(indivisible, "config.sampling.batch_size = 12", "8 devices")
   too_few_steps = run_utils.run_main(trained, *SAMPLE, "--config.sampling.method=dpm_solver",
                                      "--config.sampling.nfe=1", check=False)
-  _assert_one_sentence_error(too_few_steps, "config.sampling", "at least 3 model calls")
+  run_utils.assert_one_sentence_error(too_few_steps, "config.sampling", "at least 3 model calls")
   untrained = run_utils.run_main(str(tmp_path / "untrained"), *SAMPLE, check=False)
-  _assert_one_sentence_error(untrained, "no checkpoint found", "--mode=train")
+  run_utils.assert_one_sentence_error(untrained, "no checkpoint found", "--mode=train")
