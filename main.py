@@ -16,9 +16,24 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a configs/<name>.py file.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "fid_stats", "eval"],
+flags.DEFINE_enum("mode", "train",
+                 ["train", "sample", "fid_stats", "eval", "import_torch", "export_torch"],
                  "What to run: train; sample (config.sampling from the workdir's checkpoint); "
-                 "fid_stats (reference statistics of config.data); eval (FID of a sample set).")
+                 "fid_stats (reference statistics of config.data); eval (FID of a sample set); "
+                 "import_torch / export_torch (guided-diffusion .pt files <-> the workdir).")
+flags.DEFINE_string("torch_checkpoint", None,
+                    "import_torch: guided-diffusion model file, e.g. model250000.pt.")
+flags.DEFINE_list("torch_ema", [], "import_torch: EMA files, one per config.train.ema_rates in "
+                  "order, e.g. ema_0.9999_250000.pt; none = EMAs start as the model weights.")
+flags.DEFINE_integer("torch_step", -1, "import_torch: checkpoint step to write (-1 = the number "
+                     "in the model file name, else 0); export_torch: step to export (-1 = latest).")
+flags.DEFINE_string("torch_out", None, "export_torch: output directory (default WORKDIR/torch).")
+flags.DEFINE_string("coordinator_address", None,
+                    "Multi-host: host:port of process 0's coordinator (or JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (or JAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index (or JAX_PROCESS_ID).")
+flags.DEFINE_bool("multihost", False, "Multi-host with the cluster detected by JAX (TPU pods, "
+                  "SLURM, Open MPI, Kubernetes) when no coordinator is given.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -50,10 +65,17 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   logging.get_absl_logger().addFilter(_quiet_library_logs)
+  from adv_diffusion import distributed
+  from adv_diffusion.errors import UserFacingError
+  try:
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                           auto=FLAGS.multihost)
+  except UserFacingError as exc:
+    print(f"Error: {exc}", file=sys.stderr)
+    sys.exit(1)
   import jax
 
   from adv_diffusion import train
-  from adv_diffusion.errors import UserFacingError
   from evaluation.errors import EvaluationError
 
   try:
@@ -76,9 +98,22 @@ def main(argv):
       from adv_diffusion import eval_modes
       run = eval_modes.fid_stats if FLAGS.mode == "fid_stats" else eval_modes.evaluate_samples
       run(config, FLAGS.workdir)
+    elif FLAGS.mode == "import_torch":
+      from adv_diffusion import torch_io
+      torch_io.import_torch_checkpoint(config, FLAGS.workdir, FLAGS.torch_checkpoint,
+                                       FLAGS.torch_ema, FLAGS.torch_step)
+    elif FLAGS.mode == "export_torch":
+      from adv_diffusion import torch_io
+      torch_io.export_torch_checkpoint(config, FLAGS.workdir, FLAGS.torch_out or "",
+                                       FLAGS.torch_step)
   except (UserFacingError, EvaluationError) as exc:
     print(f"Error: {exc}", file=sys.stderr)
-    sys.exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The code that raised has closed its checkpointers and writers. Skipping interpreter
+    # shutdown keeps the message last: after a failed checkpoint read, TensorStore's leftover
+    # futures are otherwise reported with tracebacks when they are garbage-collected.
+    os._exit(1)
 
 
 if __name__ == "__main__":

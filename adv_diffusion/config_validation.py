@@ -54,6 +54,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _validate_optim(config)
   _validate_train(config)
   _validate_adversarial(config)
+  _validate_consistency(config)
   _validate_sampling(config)
   _validate_evaluation(config)
 
@@ -141,6 +142,8 @@ def _validate_train(config) -> None:
   _check_int(config, "train.sample_grid_size", 1)
   if t.init_from_step < -1:
     _fail("train.init_from_step", t.init_from_step, "use -1 (latest) or a checkpoint step ≥ 0")
+  _check_choice(config, "train.on_nonfinite", ("skip", "stop"))
+  _check_float(config, "train.preemption_grace_seconds", 0.0, 86400.0, low_open=True)
 
 
 def _validate_adversarial(config) -> None:
@@ -160,6 +163,40 @@ def _validate_adversarial(config) -> None:
   if config.adversarial.radius_grid_steps > config.diffusion.num_timesteps:
     _fail("adversarial.radius_grid_steps", config.adversarial.radius_grid_steps,
           f"use at most diffusion.num_timesteps = {config.diffusion.num_timesteps}")
+
+
+def _validate_consistency(config) -> None:
+  from adv_diffusion import consistency
+
+  cm = config.consistency
+  _check_choice(config, "consistency.mode", consistency.MODES)
+  if cm.mode == "none":
+    return
+  _check_int(config, "consistency.num_scales", 2)
+  if cm.num_scales > config.diffusion.num_timesteps - 1:
+    _fail("consistency.num_scales", cm.num_scales,
+          f"use at most diffusion.num_timesteps − 1 = {config.diffusion.num_timesteps - 1}")
+  _check_int(config, "consistency.skip", 1)
+  if cm.skip > cm.num_scales:
+    _fail("consistency.skip", cm.skip, f"use at most consistency.num_scales = {cm.num_scales}")
+  _check_choice(config, "consistency.distance", consistency.DISTANCES)
+  if cm.distance == "lpips":
+    _fail("consistency.distance", cm.distance,
+          "LPIPS needs VGG and LPIPS weights that this codebase cannot load yet; use 'l2' or "
+          "'pseudo_huber'")
+  _check_float(config, "consistency.sigma_data", 0.0, float("inf"), low_open=True)
+  _check_float(config, "consistency.timestep_scale", 0.0, float("inf"), low_open=True)
+  for key in ("target_ema", "target_ema_start"):
+    _check_float(config, f"consistency.{key}", 0.0, 1.0, high_open=True)
+  _check_choice(config, "consistency.target_ema_schedule", consistency.TARGET_EMA_SCHEDULES)
+  _check_int(config, "consistency.target_ema_ramp_updates", 0)
+  if cm.mode == "distill":
+    if not cm.teacher:
+      _fail("consistency.teacher", cm.teacher,
+            "consistency distillation needs the workdir of a trained diffusion model")
+    if cm.teacher_step < -1:
+      _fail("consistency.teacher_step", cm.teacher_step, "use -1 (latest) or a step ≥ 0")
+    _check_int(config, "consistency.teacher_ema_index", 0)
 
 
 def _validate_sampling(config) -> None:

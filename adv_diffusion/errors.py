@@ -15,3 +15,7 @@ class DatasetNotPreparedError(UserFacingError):
 
 class CheckpointError(UserFacingError):
   """A checkpoint needed by the run is missing or unreadable."""
+
+
+class NonFiniteError(UserFacingError):
+  """Training produced, or started from, non-finite numbers."""

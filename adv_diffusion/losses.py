@@ -24,6 +24,7 @@ class MinibatchInputs:
   weights: jax.Array  # importance weights of the timestep sampler, (B,)
   sigma: jax.Array  # σ_t = sqrt(1 − ᾱ_t) per example, (B,)
   labels: jax.Array | None  # class labels when class-conditional
+  target: jax.Array | None = None  # consistency models: the stop-gradient target f_θ⁻(x̂_{t_n})
 
 
 def adversarial_target(noise: jax.Array, delta: jax.Array, sigma: jax.Array,

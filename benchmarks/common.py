@@ -63,10 +63,13 @@ def compiled_cifar10_step(config: ml_collections.ConfigDict) -> Callable[[], Non
       {"image": rng.integers(0, 256, (batch_size, size, size, channels), dtype=np.uint8),
        "label": np.zeros((batch_size,), np.int32)}, mesh)
   key = jax.device_put(jax.random.key(1), parallel.replicated(mesh))
+  # Consistency distillation: the (random) teacher is a copy, so it survives the donation.
+  teacher = (jax.tree.map(lambda p: p.copy(), state.params)
+             if config.consistency.mode == "distill" else None)
   holder = {"state": state}
 
   def one_step() -> None:
-    holder["state"], metrics = step_fn(holder["state"], batch, key)
+    holder["state"], metrics = step_fn(holder["state"], batch, key, teacher)
     jax.block_until_ready(metrics)
 
   return one_step

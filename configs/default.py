@@ -64,6 +64,25 @@ def get_config() -> ml_collections.ConfigDict:
   adv.radius_schedule = "constant"  # "constant" ρ | "ddim_gap": r_t = min(sqrt(2−2·sqrt(ᾱ_t/ᾱ_s)), ρ)
   adv.radius_grid_steps = 50  # DDIM grid whose step gap defines s in the "ddim_gap" radius
 
+  # ---- consistency models (PAPER.md §8; "none" = train the diffusion model itself) --------
+  config.consistency = cm = ml_collections.ConfigDict()
+  cm.mode = "none"  # "none" | "distill" (CD from a teacher run) | "train" (CT, no teacher)
+  cm.teacher = ""  # CD: workdir of the trained diffusion model (same config.model)
+  cm.teacher_step = -1  # CD: checkpoint step of the teacher; -1 = its latest
+  cm.teacher_use_ema = True  # CD: distil the teacher's EMA weights (True) or raw params
+  cm.teacher_ema_index = 0  # CD: which EMA average of the teacher run
+  cm.teacher_command = ""  # CD: how to train the teacher run (shown when it is missing)
+  cm.num_scales = 50  # N: grid t_n = round(n·(T−1)/N), n = 0..N (t_0 = 0 where f(x, t_0) = x)
+  cm.skip = 1  # k: the teacher's DDIM step goes from t_{n+k} to t_n
+  cm.distance = "l2"  # "l2" (mean squared) | "pseudo_huber" | "lpips" (not available yet)
+  cm.sigma_data = 0.5  # σ_d of the boundary scalings c_skip, c_out
+  cm.timestep_scale = 10.0  # s in c_skip(t) = σ_d²/((s·t)² + σ_d²) (LCM's timestep scaling)
+  cm.clip_x0 = True  # clip the x_0 prediction inside f to [-1, 1] (ADM's clip_denoised)
+  cm.target_ema = 0.95  # μ of the target network θ⁻ ← μ·θ⁻ + (1−μ)·θ (final value)
+  cm.target_ema_schedule = "constant"  # "constant" μ | "linear" ramp from target_ema_start
+  cm.target_ema_start = 0.9  # "linear": μ at the first update
+  cm.target_ema_ramp_updates = 0  # "linear": optimizer updates of the ramp
+
   # ---- optimiser (AdamW as ADM) -----------------------------------------------------------
   config.optim = optim = ml_collections.ConfigDict()
   optim.learning_rate = 1e-4  # peak learning rate
@@ -90,10 +109,16 @@ def get_config() -> ml_collections.ConfigDict:
   train.init_from = ""  # workdir of another run: start from its params and EMA, fresh optimizer
   train.init_from_step = -1  # checkpoint step of `init_from`; -1 = its latest
   train.init_from_command = ""  # how to train the `init_from` run (shown when it is missing)
+  # A non-finite loss or parameter after an update: "skip" drops the update (the state stays
+  # as before the step; counted in `skipped_updates`), "stop" ends the run with one sentence.
+  train.on_nonfinite = "skip"
+  train.preemption_grace_seconds = 25.0  # after SIGTERM, save within this many seconds or exit 1
 
   # ---- sample generation (--mode=sample) ----------------------------------------------------
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.method = "ddim"  # "ancestral" | "ancestral_es" | "ddim" | "dpm_solver" | "dpm_solver++"
+  #                           | "consistency" (one-/multistep, for consistency models)
+  sampling.cm_timesteps = ()  # consistency: decreasing timesteps, one per NFE; () = evenly spaced
   sampling.nfe = 50  # model calls per sample (respaced steps, or DPM-Solver calls)
   sampling.num_samples = 50000  # size of the sample set written to workdir/samples/<tag>.npz
   sampling.batch_size = 256  # GLOBAL batch (one chunk file), split over all devices

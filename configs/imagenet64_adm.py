@@ -2,6 +2,7 @@
 
 192 channels, mult (1,2,3,4), 3 res blocks, attention at 32/16/8 with 64 head channels,
 dropout 0.1, cosine schedule, learned σ, scale-shift norm, resblock up/down, new attention order.
+The same network as OpenAI's released `64x64_diffusion.pt`, which `--mode=import_torch` reads.
 """
 
 from configs import default
@@ -37,4 +38,5 @@ def get_config():
   config.train.keep_every = 50_000
   config.train.sample_every = 10_000
   config.train.sample_respacing = "100"
+  config.sampling.eps_scale = 1.006  # ADM-ES b for ImageNet 64×64 (PAPER.md §5)
   return config

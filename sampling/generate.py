@@ -53,6 +53,10 @@ def sampler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return opts
   if s.method == "ddim":
     return dict(eta=s.eta, clip_denoised=s.clip_denoised)
+  if s.method == "consistency":
+    cm = config.consistency
+    return dict(timesteps=tuple(s.cm_timesteps) or None, sigma_data=cm.sigma_data,
+                timestep_scale=cm.timestep_scale, clip_x0=cm.clip_x0)
   return {}
 
 

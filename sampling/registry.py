@@ -6,7 +6,9 @@ raw network output (C channels, or 2C with learned variance). `sample.nfe` is th
 of model calls, which always equals the requested `nfe`:
  * "ancestral" / "ancestral_es" / "ddim": the process is respaced to `nfe` steps;
  * "dpm_solver" / "dpm_solver++": `nfe` solver calls (one of them the final denoising call when
-  `denoise_to_zero=True`).
+  `denoise_to_zero=True`);
+ * "consistency": one consistency-function call per timestep of `timesteps` (default: `nfe`
+  evenly spaced from T − 1), re-noising in between (sampling/consistency.py).
 
 Options and defaults per method (anything else is a ValueError):
  * ancestral:    learn_sigma=True, clip_denoised=True, spacing="adm"
@@ -16,6 +18,8 @@ Options and defaults per method (anything else is a ValueError):
  * dpm_solver++: order=2, solver="multistep" (the paper's DPM-Solver++ 2M), skip_type="logSNR",
   t_start=1.0, t_end=None (1/N), lower_order_final=True, lower_order_final_below=10,
   denoise_to_zero=False, truncate_cosine_like_reference=False, multistep3_like_reference=False.
+ * consistency:  timesteps=None, sigma_data=0.5, timestep_scale=10.0, clip_x0=True (must match
+  the values the model was trained with: config.consistency).
 """
 
 from __future__ import annotations
@@ -24,13 +28,15 @@ from typing import Any, Callable
 
 import jax
 
+from adv_diffusion.diffusion import GaussianDiffusion
 from sampling.ancestral import eps_scale_schedule, sample_ancestral
+from sampling.consistency import check_timesteps, default_timesteps, sample_consistency
 from sampling.ddim import check_eta, respaced_diffusion, sample_ddim
 from sampling.dpm_solver import DiscreteVPSchedule, check_settings, sample_dpm_solver
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 Sampler = Callable[..., jax.Array]
-METHODS = ("ancestral", "ancestral_es", "ddim", "dpm_solver", "dpm_solver++")
+METHODS = ("ancestral", "ancestral_es", "ddim", "dpm_solver", "dpm_solver++", "consistency")
 
 _ANCESTRAL = dict(learn_sigma=True, clip_denoised=True, spacing="adm")
 _DPM = dict(skip_type="logSNR", t_start=1.0, t_end=None, lower_order_final=True,
@@ -42,6 +48,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "ddim": dict(eta=0.0, clip_denoised=True, spacing="ddim"),
     "dpm_solver": dict(_DPM, order=3, solver="singlestep"),
     "dpm_solver++": dict(_DPM, order=2, solver="multistep"),
+    "consistency": dict(timesteps=None, sigma_data=0.5, timestep_scale=10.0, clip_x0=True),
 }
 
 
@@ -83,6 +90,17 @@ def make_sampler(method: str, nfe: int, diffusion_schedule: str, num_timesteps: 
     def sample(model_fn: ModelFn, noise: jax.Array, keys: jax.Array | None = None) -> jax.Array:
       return sample_ddim(model_fn, noise, diffusion, keys, eta=eta,
                          clip_denoised=opts["clip_denoised"])[0]
+
+  elif method == "consistency":
+    timesteps = check_timesteps(opts["timesteps"] or default_timesteps(nfe, num_timesteps), nfe,
+                                num_timesteps)
+    opts = dict(opts, timesteps=timesteps)
+    alphas_cumprod = GaussianDiffusion.create(diffusion_schedule, num_timesteps).alphas_cumprod
+
+    def sample(model_fn: ModelFn, noise: jax.Array, keys: jax.Array | None = None) -> jax.Array:
+      return sample_consistency(model_fn, noise, alphas_cumprod, timesteps, keys,
+                                sigma_data=opts["sigma_data"],
+                                timestep_scale=opts["timestep_scale"], clip_x0=opts["clip_x0"])
 
   else:
     schedule = DiscreteVPSchedule.create(

@@ -247,8 +247,9 @@ def test_first_l2_ascent_direction_is_the_analytic_worst_case_of_a_linear_predic
 # ---------------------------------------------------------------------------------------------
 
 
-def _step_setup(tx=None, **adv):
-  """A tiny UNet, a train state, one batch and the jitted step for the given AT settings.
+def _step_setup(tx=None, consistency: dict | None = None, **adv):
+  """A tiny UNet, a train state, one batch and the jitted step for the given AT settings
+  (and `config.consistency` overrides: the perturbed params then also start the target).
 
   `tx` replaces AdamW: tests that compare two computations of the same update use plain SGD,
   because Adam's first update is ±lr for any non-zero gradient and so blows float32 rounding
@@ -258,6 +259,7 @@ def _step_setup(tx=None, **adv):
   config.train.batch_size = 8
   for k, v in adv.items():
     config.adversarial[k] = v
+  config.consistency.update(consistency or {})
   mesh = parallel.make_mesh()
   model = create_unet(config)
   diffusion = train.create_diffusion(config)
@@ -267,6 +269,8 @@ def _step_setup(tx=None, **adv):
   state = state.replace(params=jax.tree.map(
       lambda p: p + 0.02 * jax.random.normal(jax.random.key(3), p.shape), state.params))
   state = state.replace(ema_params=tuple(state.params for _ in state.ema_params))
+  if state.target_params is not None:
+    state = state.replace(target_params=state.params)
   rng = np.random.default_rng(0)
   batch = parallel.global_batch_from_local(
       {"image": rng.integers(0, 256, (8, 16, 16, 1), dtype=np.uint8),

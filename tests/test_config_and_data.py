@@ -16,7 +16,9 @@ from tests import run_utils
 
 
 @pytest.mark.parametrize("name", ["default", "digits_adm", "cifar10_adm", "imagenet64_adm",
-                                  "digits_at", "cifar10_at", "cifar10_ip"])
+                                  "imagenet64_ip", "imagenet64_at",
+                                  "digits_at", "cifar10_at", "cifar10_ip", "cifar10_cd",
+                                  "cifar10_cd_at", "digits_cd_at"])
 def test_shipped_configs_are_valid(name):
   validate_config(importlib.import_module(f"configs.{name}").get_config())
 

@@ -113,22 +113,29 @@ def _listing(items: list[str]) -> str:
   return shown + (f", ... ({len(items) - _SHOW} more)" if len(items) > _SHOW else "")
 
 
-def _mismatch_error(
-  unknown: list[str], missing: list[str], misshaped: list[str], n: int
-) -> ValueError:
-  problems = []
-  if unknown:
-    problems.append(f"{len(unknown)} unknown key(s) [{_listing(unknown)}]")
-  if missing:
-    problems.append(f"{len(missing)} missing key(s) [{_listing(missing)}]")
-  if misshaped:
-    problems.append(f"{len(misshaped)} mis-shaped key(s) [{_listing(misshaped)}]")
-  return ValueError(
-    "torch state dict does not match the Flax UNet parameters (expected exactly the "
-    f"{n} keys of guided-diffusion's UNetModel for this configuration, with torch layouts): "
-    + "; ".join(problems)
-    + "."
-  )
+class StateDictMismatchError(ValueError):
+  """A state dict whose keys or shapes differ from the UNet's; names every offending key."""
+
+  def __init__(self, unknown: list[str], missing: list[str], misshaped: list[str],
+               num_expected: int):
+    self.unknown, self.missing, self.misshaped = unknown, missing, misshaped
+    self.num_expected = num_expected
+    super().__init__(
+      "torch state dict does not match the Flax UNet parameters (expected exactly the "
+      f"{num_expected} keys of guided-diffusion's UNetModel for this configuration, with torch "
+      f"layouts): {self.problems()}."
+    )
+
+  def problems(self) -> str:
+    """E.g. "1 unknown key(s) [a.weight]; 2 missing key(s) [b.bias, c.weight]"."""
+    problems = []
+    if self.unknown:
+      problems.append(f"{len(self.unknown)} unknown key(s) [{_listing(self.unknown)}]")
+    if self.missing:
+      problems.append(f"{len(self.missing)} missing key(s) [{_listing(self.missing)}]")
+    if self.misshaped:
+      problems.append(f"{len(self.misshaped)} mis-shaped key(s) [{_listing(self.misshaped)}]")
+    return "; ".join(problems)
 
 
 def torch_to_flax_params(
@@ -138,7 +145,7 @@ def torch_to_flax_params(
 
   `params_template` is the `params` collection of a UNet (arrays or `jax.eval_shape` structs);
   values are cast to the template's dtype. Unknown, missing or mis-shaped keys raise one
-  ValueError listing them.
+  `StateDictMismatchError` (a ValueError) listing them.
   """
   template = _flatten(params_template)
   expected = {torch_key(path): path for path in template}
@@ -157,7 +164,7 @@ def torch_to_flax_params(
       continue
     flat[path] = jnp.asarray(_to_flax_layout(kind, value), dtype=spec.dtype)
   if unknown or missing or misshaped:
-    raise _mismatch_error(unknown, missing, misshaped, len(expected))
+    raise StateDictMismatchError(unknown, missing, misshaped, len(expected))
   return traverse_util.unflatten_dict(flat)
 
 

@@ -1,0 +1,164 @@
+"""Consistency distillation (CD) and consistency training (CT) on ADM's VP grid (PAPER.md §8).
+
+Discretisation: t_n = round(n·(T − 1)/N), n = 0..N, so t_0 = 0 and t_N = T − 1. A minibatch
+draws n uniformly from [0, N − k], ε and x_{t_{n+k}} = q_sample(x_0, t_{n+k}, ε), then
+  CD: x̂_{t_n} = one DDIM (η = 0) step of the frozen teacher from x_{t_{n+k}} to t_n,
+  CT: x̂_{t_n} = q_sample(x_0, t_n, ε)  (the same ε: Song et al. 2023's CT estimator),
+and the target f_{θ⁻}(x̂_{t_n}, t_n) with θ⁻ the target network (an EMA of θ, updated after
+every optimizer update). Teacher and target do not depend on θ or δ, so they run once per
+minibatch, also under fast AT's K replays. The student loss is d(f_θ(x_{t_{n+k}} + δ, t_{n+k}),
+target): the target comes from the clean trajectory, its x_0 is unchanged (PAPER.md §3, §8).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from adv_diffusion.errors import CheckpointError, ConfigError
+from adv_diffusion.losses import ApplyFn, MinibatchInputs
+from sampling.consistency import consistency_function, predict_x0
+
+MODES = ("none", "distill", "train")
+DISTANCES = ("l2", "pseudo_huber", "lpips")
+TARGET_EMA_SCHEDULES = ("constant", "linear")
+
+
+def time_grid(num_scales: int, num_timesteps: int) -> np.ndarray:
+  """t_0 = 0 < t_1 < … < t_N = T − 1 on ADM's integer grid (int32, N + 1 entries)."""
+  grid = np.round(np.arange(num_scales + 1) * (num_timesteps - 1) / num_scales).astype(np.int32)
+  if np.any(np.diff(grid) <= 0):
+    raise ValueError(f"num_scales={num_scales} is finer than the {num_timesteps}-step grid.")
+  return grid
+
+
+def ddim_step(eps: jax.Array, x: jax.Array, t: jax.Array, s: jax.Array,
+              alphas_cumprod: jax.Array) -> jax.Array:
+  """Deterministic DDIM step (η = 0) from x_t to x_s with noise prediction `eps`:
+  x_s = sqrt(ᾱ_s)·x̂_0 + sqrt(1 − ᾱ_s)·ε (Song et al. 2021, Eq. 12), x̂_0 unclipped."""
+  a_s = jnp.asarray(alphas_cumprod, jnp.float32)[s][:, None, None, None]
+  x0 = predict_x0(eps, x, t, alphas_cumprod, clip=False)
+  return jnp.sqrt(a_s) * x0 + jnp.sqrt(1.0 - a_s) * eps
+
+
+def distance(a: jax.Array, b: jax.Array, kind: str) -> jax.Array:
+  """Per-example distance: "l2" = mean squared error over pixels; "pseudo_huber" =
+  sqrt(‖a − b‖² + c²) − c with c = 0.00054·sqrt(d) (Song & Dhariwal 2023, iCT)."""
+  diff = (a - b).reshape(a.shape[0], -1)
+  if kind == "l2":
+    return jnp.mean(jnp.square(diff), axis=1)
+  if kind == "pseudo_huber":
+    c = 0.00054 * np.sqrt(diff.shape[1])
+    return jnp.sqrt(jnp.sum(jnp.square(diff), axis=1) + c * c) - c
+  raise ValueError(f"unknown distance {kind!r}; use one of {DISTANCES[:2]}")
+
+
+def target_ema_rate(cm: ml_collections.ConfigDict, num_updates: jax.Array) -> jax.Array:
+  """μ of θ⁻ ← μ·θ⁻ + (1 − μ)·θ after optimizer update `num_updates` (constant, or a linear
+  ramp from `target_ema_start` to `target_ema` over `target_ema_ramp_updates`)."""
+  if cm.target_ema_schedule == "constant" or cm.target_ema_ramp_updates == 0:
+    return jnp.asarray(cm.target_ema, jnp.float32)
+  frac = jnp.minimum(num_updates.astype(jnp.float32) / cm.target_ema_ramp_updates, 1.0)
+  return cm.target_ema_start + (cm.target_ema - cm.target_ema_start) * frac
+
+
+def consistency_inputs(x_start: jax.Array, labels: jax.Array | None, key: jax.Array, *,
+                       target_params: Any, teacher_params: Any, eval_fn: Callable,
+                       alphas_cumprod: np.ndarray, cm: ml_collections.ConfigDict
+                       ) -> MinibatchInputs:
+  """Draws (n, ε) once for the minibatch and computes x_{t_{n+k}} and the stop-gradient target.
+
+  `eval_fn(params, x, t, labels)` is the network in eval mode (no dropout); `teacher_params`
+  is None for consistency training.
+  """
+  grid = jnp.asarray(time_grid(cm.num_scales, alphas_cumprod.shape[0]))
+  ac = jnp.asarray(alphas_cumprod, jnp.float32)
+  k_n, k_noise = jax.random.split(key)
+  batch = x_start.shape[0]
+  n = jax.random.randint(k_n, (batch,), 0, cm.num_scales - cm.skip + 1)
+  t_hi, t_lo = grid[n + cm.skip], grid[n]
+  noise = jax.random.normal(k_noise, x_start.shape, jnp.float32)
+
+  def q_sample(t):
+    a = ac[t][:, None, None, None]
+    return jnp.sqrt(a) * x_start + jnp.sqrt(1.0 - a) * noise
+
+  x_hi = q_sample(t_hi)
+  if teacher_params is None:  # consistency training
+    x_lo = q_sample(t_lo)
+  else:
+    eps = eval_fn(teacher_params, x_hi, t_hi, labels)[..., :x_start.shape[-1]]
+    x_lo = ddim_step(eps.astype(jnp.float32), x_hi, t_hi, t_lo, alphas_cumprod)
+  target = consistency_function(eval_fn(target_params, x_lo, t_lo, labels), x_lo, t_lo, ac,
+                                sigma_data=cm.sigma_data, timestep_scale=cm.timestep_scale,
+                                clip_x0=cm.clip_x0)
+  return MinibatchInputs(x_start=x_start, x_t=x_hi, t=t_hi, noise=noise,
+                         weights=jnp.ones((batch,), jnp.float32), sigma=jnp.sqrt(1.0 - ac[t_hi]),
+                         labels=labels, target=jax.lax.stop_gradient(target))
+
+
+def consistency_loss(params: Any, delta: jax.Array | None, inputs: MinibatchInputs,
+                     dropout_key: jax.Array, *, apply_fn: ApplyFn, alphas_cumprod: np.ndarray,
+                     cm: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean over the batch of d(f_θ(x_{t_{n+k}} + δ, t_{n+k}), target) (δ = None: clean)."""
+  x_in = inputs.x_t if delta is None else inputs.x_t + delta
+  output = apply_fn(params, x_in, inputs.t, inputs.labels, dropout_key)
+  student = consistency_function(output, x_in, inputs.t, jnp.asarray(alphas_cumprod, jnp.float32),
+                                 sigma_data=cm.sigma_data, timestep_scale=cm.timestep_scale,
+                                 clip_x0=cm.clip_x0)
+  dist = distance(student, inputs.target, cm.distance)
+  return jnp.mean(dist * inputs.weights), {"loss": dist, "consistency_distance": dist}
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher checkpoint
+# ---------------------------------------------------------------------------------------------
+
+def teacher_ema_count(teacher_workdir: str, default: int) -> int:
+  """How many EMA averages the teacher run keeps (from its config.json; else `default`)."""
+  path = os.path.join(teacher_workdir, "config.json")
+  if not os.path.exists(path):
+    return default
+  with open(path) as f:
+    return len(json.load(f)["train"]["ema_rates"])
+
+
+def check_teacher_model(config: ml_collections.ConfigDict) -> None:
+  """One sentence when the teacher run's network settings differ from this config's."""
+  path = os.path.join(config.consistency.teacher, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    teacher_model = json.load(f)["model"]
+  ours = json.loads(config.model.to_json_best_effort())
+  differ = sorted(k for k in ours if k in teacher_model and teacher_model[k] != ours[k]
+                  and k not in ("dropout", "compute_dtype", "remat"))
+  if differ:
+    raise ConfigError(f"config.model differs from the teacher run {config.consistency.teacher} "
+                      f"in {differ}; a consistency student starts from its teacher and must use "
+                      "the same network settings.")
+
+
+def load_teacher(config: ml_collections.ConfigDict, params_like: Any
+                 ) -> tuple[Any, int]:
+  """The frozen teacher weights (EMA `teacher_ema_index` or raw) and the teacher's step."""
+  from adv_diffusion import checkpoint as ckpt_lib
+
+  cm = config.consistency
+  count = teacher_ema_count(cm.teacher, len(config.train.ema_rates))
+  target = {"params": params_like, "ema_params": tuple(params_like for _ in range(count))}
+  model, step = ckpt_lib.load_model_weights(cm.teacher, cm.teacher_step, target,
+                                            cm.teacher_command)
+  if not cm.teacher_use_ema:
+    return model["params"], step
+  if cm.teacher_ema_index >= count:
+    raise CheckpointError(f"config.consistency.teacher_ema_index = {cm.teacher_ema_index} but "
+                          f"the teacher run keeps {count} EMA average(s); use an index below "
+                          f"{count}.")
+  return model["ema_params"][cm.teacher_ema_index], step

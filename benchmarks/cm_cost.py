@@ -1,0 +1,51 @@
+"""Cost of one consistency-distillation update vs one DPM update, and CD's AT overhead.
+
+  python -m benchmarks.cm_cost --batch_size=8 --steps=3            # CPU
+  python -m benchmarks.cm_cost --batch_size=128 --steps=20         # one GPU
+One CD minibatch = teacher forward + target forward (once per minibatch) + student
+forward/backward per optimizer update. Target (issue 6): fast AT ≤ 1.05× plain CD per update.
+"""
+
+import argparse
+import statistics
+
+from benchmarks.common import compiled_cifar10_step, machine_info, time_calls, write_json
+from configs import cifar10_adm, cifar10_cd
+
+VARIANTS = {  # name: (config module, adversarial overrides, optimizer updates per minibatch)
+    "dpm": (cifar10_adm, {"mode": "none"}, 1),
+    "cd": (cifar10_cd, {"mode": "none"}, 1),
+    "cd_fast_k3": (cifar10_cd, {"mode": "fast", "num_replays": 3}, 3),
+    "cd_pgd_k1": (cifar10_cd, {"mode": "pgd", "pgd_steps": 1}, 1),
+}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--batch_size", type=int, default=8)
+  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--compute_dtype", default="float32")
+  parser.add_argument("--variants", default=",".join(VARIANTS))
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args()
+  results = {}
+  for name in args.variants.split(","):
+    module, overrides, updates = VARIANTS[name]
+    config = module.get_config()
+    config.model.compute_dtype = args.compute_dtype
+    config.train.batch_size = args.batch_size
+    config.adversarial.update(overrides)
+    seconds = statistics.median(time_calls(compiled_cifar10_step(config), args.steps))
+    results[name] = {"ms_per_minibatch": 1e3 * seconds,
+                     "ms_per_update": 1e3 * seconds / updates, "updates_per_minibatch": updates}
+  for base_name, key in (("dpm", "per_update_vs_dpm"), ("cd", "per_update_vs_cd")):
+    if base_name in results:
+      for r in results.values():
+        r[key] = r["ms_per_update"] / results[base_name]["ms_per_update"]
+  write_json(args.out, {"benchmark": "cm_cost", "model": "cifar10_adm UNet (57.1M params)",
+                        "batch_size": args.batch_size, "compute_dtype": args.compute_dtype,
+                        "machine": machine_info(), "results": results})
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,200 @@
+"""Long-run safety: SIGTERM saves and exits 0, damaged checkpoints fall back, non-finite updates
+are skipped or stop the run and never reach a checkpoint, bad workdirs fail at start-up."""
+
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from adv_diffusion import checkpoint as ckpt_lib
+from adv_diffusion import data as data_lib
+from adv_diffusion import parallel, train
+from adv_diffusion.errors import UserFacingError
+from adv_diffusion.nets.factory import create_unet
+from adv_diffusion.workdir import check_free_space
+from tests import run_utils
+from tests.configs import tiny_digits
+
+EVERY_STEP = ("--config.train.num_steps=3", "--config.train.checkpoint_every=1",
+              "--config.train.async_checkpointing=False")
+
+
+@pytest.fixture(scope="module")
+def three_checkpoints(tmp_path_factory) -> str:
+  """A tiny run with checkpoints at steps 1, 2 and 3."""
+  workdir = str(tmp_path_factory.mktemp("three"))
+  run_utils.run_main(workdir, *EVERY_STEP)
+  return workdir
+
+
+def _damage(workdir: str, step: int) -> None:
+  """Truncates the largest data file of the model weights of checkpoint `step` to half."""
+  files = glob.glob(os.path.join(workdir, "checkpoints", str(step), "model", "**", "d", "*"),
+                    recursive=True)
+  victim = max(files, key=os.path.getsize)
+  with open(victim, "r+b") as f:
+    f.truncate(os.path.getsize(victim) // 2)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
+  workdir = tmp_path / "run"
+  log = tmp_path / "stderr.txt"
+  with open(log, "w") as err:
+    proc = subprocess.Popen(
+        run_utils.main_command(str(workdir), "--config.train.num_steps=100000",
+                               "--config.train.checkpoint_every=100000",
+                               "--config.train.preemption_grace_seconds=120"),
+        cwd=run_utils.REPO, env=run_utils.subprocess_env(), stdout=subprocess.DEVNULL,
+        stderr=err)
+    deadline = time.time() + 600
+    while "optimizer_updates=" not in log.read_text() and proc.poll() is None and time.time() < deadline:
+      time.sleep(0.05)  # wait until a few steps have run
+    proc.send_signal(signal.SIGTERM)
+    sent = time.time()
+    proc.wait(timeout=300)
+  assert proc.returncode == 0, log.read_text()[-3000:]
+  assert time.time() - sent < 120
+  steps = ckpt_lib.checkpoint_steps(str(workdir / "checkpoints"))
+  assert len(steps) == 1 and 1 <= steps[0] < 100000  # saved at the step it stopped, not before
+  assert int(run_utils.read_checkpoint(str(workdir))["train"]["step"]) == steps[0]
+  assert not (workdir / "train_done.json").exists()
+  assert "Preempted: saved the checkpoint of step" in log.read_text()
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(three_checkpoints, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(three_checkpoints, workdir)
+  _damage(workdir, 3)
+  result = run_utils.run_main(workdir, "--config.train.num_steps=4",
+                              "--config.train.checkpoint_every=1",
+                              "--config.train.async_checkpointing=False")
+  assert "Falling back to checkpoint step 2" in result.stderr
+  assert "Resuming from" in result.stderr and "at step 2." in result.stderr
+  names = os.listdir(os.path.join(workdir, "checkpoints"))
+  assert any(n.startswith("damaged_3_") for n in names)
+  assert ckpt_lib.checkpoint_steps(os.path.join(workdir, "checkpoints"))[-1] == 4
+  # Steps 3 and 4 were trained again from step 2: the new step 3 equals the original one.
+  original = run_utils.read_checkpoint(three_checkpoints, 2)
+  assert int(run_utils.read_checkpoint(workdir, 4)["train"]["step"]) == 4
+  assert run_utils.max_abs_diff(original["model"],
+                                run_utils.read_checkpoint(workdir, 2)["model"]) == 0.0
+
+
+def test_every_checkpoint_damaged_is_one_sentence(three_checkpoints, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(three_checkpoints, workdir)
+  for step in (1, 2, 3):
+    _damage(workdir, step)
+  result = run_utils.run_main(workdir, "--config.train.num_steps=4", check=False)
+  run_utils.assert_one_sentence_error(result, "cannot be read", "[3, 2, 1]")
+  assert ckpt_lib.checkpoint_steps(os.path.join(workdir, "checkpoints")) == [1, 2, 3]
+
+
+def test_sampling_the_latest_checkpoint_skips_a_damaged_one(three_checkpoints, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(three_checkpoints, workdir)
+  _damage(workdir, 3)
+  config = tiny_digits.get_config()
+  model = create_unet(config)
+  params = train.init_params(model, config, jax.random.key(0))
+  target = {"params": params, "ema_params": (params, params)}
+  restored, step = ckpt_lib.load_model_weights(workdir, -1, target)
+  assert step == 2
+  expected = run_utils.read_checkpoint(three_checkpoints, 2)["model"]
+  assert run_utils.max_abs_diff(expected["params"], restored["params"]) == 0.0
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"step\(s\) \[3\].*cannot be read"):
+    ckpt_lib.load_model_weights(workdir, 3, target)
+
+
+@pytest.fixture(scope="module")
+def compiled_step():
+  config = tiny_digits.get_config()
+  config.train.batch_size = 8
+  mesh = parallel.make_mesh()
+  model = create_unet(config)
+  tx = train.create_optimizer(config.optim)
+  state = train.create_train_state(model, tx, config, jax.random.key(0), mesh)
+  step = jax.jit(lambda s, b, k: train.train_step(s, b, k, model=model,
+                                                  diffusion=train.create_diffusion(config),
+                                                  tx=tx, config=config))
+  images = data_lib.load_dataset("digits").images[:8]
+  return step, state, images
+
+
+def test_a_nonfinite_minibatch_is_skipped_and_training_goes_on(compiled_step):
+  step, state, images = compiled_step
+  key = jax.random.key(1)
+  good = {"image": jnp.asarray(images), "label": jnp.zeros(8, jnp.int32)}
+  state, _ = step(state, good, key)  # one real update so that the output conv is non-zero
+  poisoned = {"image": jnp.asarray(images, jnp.float32).at[0, 3, 3, 0].set(jnp.nan),
+              "label": good["label"]}
+  skipped, metrics = step(state, poisoned, key)
+  assert not np.isfinite(float(metrics["loss"]))
+  assert int(skipped.skipped_updates) == 1 and int(skipped.step) == int(state.step) + 1
+  assert int(skipped.num_updates) == int(state.num_updates)
+  unchanged = lambda s: (s.params, s.ema_params, s.opt_state, s.sampler_state)  # noqa: E731
+  assert run_utils.max_abs_diff(unchanged(state), unchanged(skipped)) == 0.0
+  after, metrics = step(skipped, {**good, "image": good["image"].astype(jnp.float32)}, key)
+  assert bool(metrics["params_finite"]) and int(after.skipped_updates) == 1
+  assert run_utils.max_abs_diff(state.params, after.params) > 0.0
+
+
+@pytest.mark.parametrize("mode", ["skip", "stop"])
+def test_nonfinite_weights_never_reach_a_checkpoint(three_checkpoints, tmp_path, mode):
+  # A run started from weights that hold a NaN: every update is non-finite.
+  source = str(tmp_path / "nan_source")
+  shutil.copytree(three_checkpoints, source)
+  config = tiny_digits.get_config()
+  params = train.init_params(create_unet(config), config, jax.random.key(0))
+  params = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), params)
+  shutil.rmtree(os.path.join(source, "checkpoints"))
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(source, "checkpoints"), save_every=1, keep=1,
+                                       async_save=False)
+  checkpointer.save(1, {"params": params, "ema_params": (params, params), "step": 1})
+  checkpointer.close()
+  workdir = str(tmp_path / "run")
+  result = run_utils.run_main(workdir, f"--config.train.init_from={source}",
+                              f"--config.train.on_nonfinite={mode}", *EVERY_STEP, check=False)
+  run_utils.assert_one_sentence_error(result, "parameters are not finite at step 1",
+                                      "no checkpoint was written")
+  assert ckpt_lib.checkpoint_steps(os.path.join(workdir, "checkpoints")) == []
+
+
+def test_nonfinite_policy_of_the_loop():
+  config = tiny_digits.get_config()
+  finite = {"skipped_updates": np.int32(0), "params_finite": np.bool_(True)}
+  skipped = {"skipped_updates": np.int32(1), "params_finite": np.bool_(True)}
+  for mode in ("skip", "stop"):
+    config.train.on_nonfinite = mode
+    assert train._check_finite(5, finite, config, 0, saving=True) == 0
+  config.train.on_nonfinite = "skip"
+  assert train._check_finite(5, skipped, config, 0, saving=True) == 1  # logged, goes on
+  config.train.on_nonfinite = "stop"
+  with pytest.raises(UserFacingError, match="step 5 produced a non-finite loss or update"):
+    train._check_finite(5, skipped, config, 0, saving=False)
+  assert train._check_finite(6, skipped, config, 1, saving=False) == 1  # already reported
+  bad_state = {"skipped_updates": np.int32(1), "params_finite": np.bool_(False)}
+  assert train._check_finite(6, bad_state, config, 1, saving=False) == 1
+  with pytest.raises(UserFacingError, match="not finite at step 6, so no checkpoint"):
+    train._check_finite(6, bad_state, config, 1, saving=True)
+
+
+def test_unwritable_workdir_is_one_sentence(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  result = run_utils.run_main(str(blocker / "run"), check=False)
+  run_utils.assert_one_sentence_error(result, "cannot be written", "--workdir")
+
+
+def test_full_disk_is_one_sentence(tmp_path):
+  free = shutil.disk_usage(tmp_path).free
+  with pytest.raises(UserFacingError, match="MiB free but one checkpoint of this run needs"):
+    check_free_space(str(tmp_path), free + 2**30)
+  check_free_space(str(tmp_path), 1)  # enough room: no error
