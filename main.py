@@ -17,9 +17,11 @@ config_flags.DEFINE_config_file("config", None, "Path to a configs/<name>.py fil
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 flags.DEFINE_enum("mode", "train",
-                 ["train", "sample", "fid_stats", "eval", "import_torch", "export_torch"],
+                 ["train", "sample", "fid_stats", "eval", "table", "import_torch",
+                  "export_torch"],
                  "What to run: train; sample (config.sampling from the workdir's checkpoint); "
                  "fid_stats (reference statistics of config.data); eval (FID of a sample set); "
+                 "table (config.table's grid of runs × samplers × NFE: FID table and plot); "
                  "import_torch / export_torch (guided-diffusion .pt files <-> the workdir).")
 flags.DEFINE_string("torch_checkpoint", None,
                     "import_torch: guided-diffusion model file, e.g. model250000.pt.")
@@ -98,6 +100,9 @@ def main(argv):
       from adv_diffusion import eval_modes
       run = eval_modes.fid_stats if FLAGS.mode == "fid_stats" else eval_modes.evaluate_samples
       run(config, FLAGS.workdir)
+    elif FLAGS.mode == "table":
+      from adv_diffusion import tables
+      print(f"Table: {tables.run_table(config, FLAGS.workdir)}")
     elif FLAGS.mode == "import_torch":
       from adv_diffusion import torch_io
       torch_io.import_torch_checkpoint(config, FLAGS.workdir, FLAGS.torch_checkpoint,

@@ -55,6 +55,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _validate_train(config)
   _validate_adversarial(config)
   _validate_consistency(config)
+  _validate_table(config)
   _validate_sampling(config)
   _validate_evaluation(config)
 
@@ -197,6 +198,19 @@ def _validate_consistency(config) -> None:
     if cm.teacher_step < -1:
       _fail("consistency.teacher_step", cm.teacher_step, "use -1 (latest) or a step ≥ 0")
     _check_int(config, "consistency.teacher_ema_index", 0)
+
+
+def _validate_table(config) -> None:
+  from sampling.registry import METHODS
+
+  t = config.table
+  if not t.methods or any(m not in METHODS or m == "consistency" for m in t.methods):
+    _fail("table.methods", t.methods, f"use a non-empty tuple of {list(METHODS[:-1])}")
+  for key in ("nfes", "cm_nfes"):
+    values = t[key]
+    if not values or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in values):
+      _fail(f"table.{key}", values, "use a non-empty tuple of positive integers")
+  _check_int(config, "table.num_samples", 1)
 
 
 def _validate_sampling(config) -> None:

@@ -20,7 +20,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, periodic_actions
 
 from adv_diffusion import checkpoint as ckpt_lib
 from adv_diffusion import consistency
@@ -556,6 +555,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   state = restore_or_init(config, state, checkpointer, teacher_params)
   start_step = int(state.step)
   seen_skips = int(state.skipped_updates)
+
+  # clu's writers import TensorFlow (~3 s): only the train loop pays for it, not the modes
+  # (sample, eval, table, import) that import this module for its state and params helpers.
+  from clu import metric_writers, periodic_actions
 
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   report = periodic_actions.ReportProgress(num_train_steps=t.num_steps, writer=writer)

@@ -64,6 +64,14 @@ def get_config() -> ml_collections.ConfigDict:
   adv.radius_schedule = "constant"  # "constant" ρ | "ddim_gap": r_t = min(sqrt(2−2·sqrt(ᾱ_t/ᾱ_s)), ρ)
   adv.radius_grid_steps = 50  # DDIM grid whose step gap defines s in the "ddim_gap" radius
 
+  # ---- result tables (--mode=table; PAPER.md §7) ------------------------------------------
+  config.table = table = ml_collections.ConfigDict()
+  table.runs = ""  # "LABEL=WORKDIR,..." trained runs to tabulate (labels as in the paper)
+  table.methods = ("ancestral", "ancestral_es", "ddim", "dpm_solver++")  # diffusion samplers
+  table.nfes = (5, 8, 10, 20, 50)  # NFE columns of diffusion runs
+  table.cm_nfes = (1, 2)  # NFE columns of consistency-model runs (method "consistency")
+  table.num_samples = 50000  # samples per cell (the paper: 50K)
+
   # ---- consistency models (PAPER.md §8; "none" = train the diffusion model itself) --------
   config.consistency = cm = ml_collections.ConfigDict()
   cm.mode = "none"  # "none" | "distill" (CD from a teacher run) | "train" (CT, no teacher)

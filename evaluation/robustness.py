@@ -1,0 +1,80 @@
+"""How much a denoiser's output moves when its input x_t is perturbed (issue 7; PAPER.md §1).
+
+The denoising error of an ε-network at x_t + δ is the per-example mean over pixels of
+(x̂_0(x_t + δ, t) − x_ref)², x̂_0(x, t) = (x − σ_t·ε_θ(x, t)) / sqrt(ᾱ_t): against the true x_0
+when it is known (forward-noised data), or against the model's own prediction at the
+unperturbed x_t on a sampling trajectory. Perturbations have an ℓ2 budget ‖δ‖₂ ≤ ρ·sqrt(d)
+per example (d = pixels × channels, the AT radius convention of PAPER.md §4):
+  * random: δ = ρ·sqrt(d)·u/‖u‖₂, u Gaussian (exactly on the sphere);
+  * adversarial: PGD — a random start on half the sphere, then normalised gradient ascent on
+    the denoising error, projected back onto the ball after every step.
+Pure functions of (model_fn, arrays, key); this package imports nothing from adv_diffusion.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ModelFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x, t) -> raw output, ε first
+
+
+def _per_example_norm(x: jax.Array) -> jax.Array:
+  return jnp.sqrt(jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim)), keepdims=True))
+
+
+def budget(rho: float, x: jax.Array) -> float:
+  """ℓ2 budget ρ·sqrt(d) of a perturbation of one example of `x`."""
+  return float(rho * np.sqrt(np.prod(x.shape[1:])))
+
+
+def x0_prediction(model_fn: ModelFn, x: jax.Array, t: jax.Array, alphas_cumprod: np.ndarray
+                  ) -> jax.Array:
+  a = jnp.asarray(alphas_cumprod, jnp.float32)[t][:, None, None, None]
+  eps = model_fn(x, t)[..., :x.shape[-1]].astype(jnp.float32)
+  return (x - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
+
+
+def denoising_error(model_fn: ModelFn, x: jax.Array, t: jax.Array, x_ref: jax.Array,
+                    alphas_cumprod: np.ndarray) -> jax.Array:
+  """Per-example mean squared error of x̂_0(x, t) against `x_ref`, shape (B,)."""
+  diff = x0_prediction(model_fn, x, t, alphas_cumprod) - x_ref
+  return jnp.mean(jnp.square(diff), axis=tuple(range(1, x.ndim)))
+
+
+def random_perturbation(key: jax.Array, x: jax.Array, rho: float) -> jax.Array:
+  """Gaussian direction scaled to exactly the budget ρ·sqrt(d) per example."""
+  u = jax.random.normal(key, x.shape, jnp.float32)
+  return budget(rho, x) * u / _per_example_norm(u)
+
+
+def project(delta: jax.Array, radius: float) -> jax.Array:
+  """Projection onto the per-example ℓ2 ball of `radius` (shrinks only what lies outside)."""
+  return delta * jnp.minimum(1.0, radius / jnp.maximum(_per_example_norm(delta), 1e-12))
+
+
+def pgd_perturbation(model_fn: ModelFn, x: jax.Array, t: jax.Array, x_ref: jax.Array,
+                     alphas_cumprod: np.ndarray, rho: float, key: jax.Array, *,
+                     steps: int = 10, step_size: float | None = None) -> jax.Array:
+  """δ with ‖δ‖₂ ≤ ρ·sqrt(d) per example that (locally) maximises the denoising error.
+
+  The random start matters when `x_ref` is the model's own prediction at x: the error then has
+  a minimum, and a zero gradient, at δ = 0. `step_size` defaults to 2.5·budget/steps (Madry et
+  al. 2018).
+  """
+  radius = budget(rho, x)
+  step = 2.5 * radius / steps if step_size is None else step_size * radius
+  grad_fn = jax.grad(lambda d: jnp.sum(denoising_error(model_fn, x + d, t, x_ref,
+                                                       alphas_cumprod)))
+
+  def ascend(delta, _):
+    g = grad_fn(delta)
+    delta = delta + step * g / jnp.maximum(_per_example_norm(g), 1e-12)
+    return project(delta, radius), None
+
+  delta0 = 0.5 * random_perturbation(key, x, rho)
+  delta, _ = jax.lax.scan(ascend, delta0, None, length=steps)
+  return delta
