@@ -19,9 +19,11 @@ VARIANTS = {  # name: (adversarial overrides, optimizer updates per minibatch)
 }
 
 
-def time_variant(overrides: dict, batch_size: int, steps: int, compute_dtype: str) -> float:
-  """Median seconds per minibatch iteration."""
-  config = cifar10_adm.get_config()
+def time_variant(overrides: dict, batch_size: int, steps: int, compute_dtype: str,
+                 base=cifar10_adm) -> float:
+  """Median seconds per minibatch iteration of `base`'s config with `overrides` of
+  config.adversarial."""
+  config = base.get_config()
   config.model.compute_dtype = compute_dtype
   config.train.batch_size = batch_size
   for key, value in overrides.items():

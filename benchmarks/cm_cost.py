@@ -7,9 +7,9 @@ forward/backward per optimizer update. Target (issue 6): fast AT ≤ 1.05× plai
 """
 
 import argparse
-import statistics
 
-from benchmarks.common import compiled_cifar10_step, machine_info, time_calls, write_json
+from benchmarks.at_cost import time_variant
+from benchmarks.common import machine_info, write_json
 from configs import cifar10_adm, cifar10_cd
 
 VARIANTS = {  # name: (config module, adversarial overrides, optimizer updates per minibatch)
@@ -31,11 +31,7 @@ def main() -> None:
   results = {}
   for name in args.variants.split(","):
     module, overrides, updates = VARIANTS[name]
-    config = module.get_config()
-    config.model.compute_dtype = args.compute_dtype
-    config.train.batch_size = args.batch_size
-    config.adversarial.update(overrides)
-    seconds = statistics.median(time_calls(compiled_cifar10_step(config), args.steps))
+    seconds = time_variant(overrides, args.batch_size, args.steps, args.compute_dtype, module)
     results[name] = {"ms_per_minibatch": 1e3 * seconds,
                      "ms_per_update": 1e3 * seconds / updates, "updates_per_minibatch": updates}
   for base_name, key in (("dpm", "per_update_vs_dpm"), ("cd", "per_update_vs_cd")):
