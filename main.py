@@ -111,6 +111,7 @@ def main(argv):
       from adv_diffusion import torch_io
       torch_io.export_torch_checkpoint(config, FLAGS.workdir, FLAGS.torch_out or "",
                                        FLAGS.torch_step)
+    distributed.shutdown()
   except (UserFacingError, EvaluationError) as exc:
     print(f"Error: {exc}", file=sys.stderr)
     sys.stdout.flush()

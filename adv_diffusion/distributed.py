@@ -50,3 +50,15 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   jax.distributed.initialize(coordinator_address=address, num_processes=count,
                              process_id=index)
   return True
+
+
+def shutdown() -> None:
+  """Leaves the multi-process runtime through its shutdown barrier while Python is fully alive.
+
+  Without this, JAX shuts down from an `atexit` hook; process 0 (which hosts the coordination
+  service) can then drop the service while a peer is still leaving, and the peer aborts.
+  """
+  import jax
+
+  if jax.process_count() > 1:
+    jax.distributed.shutdown()
