@@ -17,11 +17,13 @@ config_flags.DEFINE_config_file("config", None, "Path to a configs/<name>.py fil
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 flags.DEFINE_enum("mode", "train",
-                 ["train", "sample", "fid_stats", "eval", "table", "import_torch",
+                 ["train", "sample", "fid_stats", "eval", "table", "robustness", "import_torch",
                   "export_torch"],
                  "What to run: train; sample (config.sampling from the workdir's checkpoint); "
                  "fid_stats (reference statistics of config.data); eval (FID of a sample set); "
                  "table (config.table's grid of runs × samplers × NFE: FID table and plot); "
+                 "robustness (FID against the budget of trajectory perturbations, "
+                 "config.robustness); "
                  "import_torch / export_torch (guided-diffusion .pt files <-> the workdir).")
 flags.DEFINE_string("torch_checkpoint", None,
                     "import_torch: guided-diffusion model file, e.g. model250000.pt.")
@@ -91,7 +93,10 @@ def main(argv):
   logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
                jax.process_count(), jax.devices())
   try:
-    if FLAGS.mode == "train":
+    if FLAGS.mode == "train" and config.story.enabled:
+      from adv_diffusion import story
+      story.run_story(config, FLAGS.workdir)
+    elif FLAGS.mode == "train":
       train.train_and_evaluate(config, FLAGS.workdir)
     elif FLAGS.mode == "sample":
       from sampling import generate
@@ -103,6 +108,9 @@ def main(argv):
     elif FLAGS.mode == "table":
       from adv_diffusion import tables
       print(f"Table: {tables.run_table(config, FLAGS.workdir)}")
+    elif FLAGS.mode == "robustness":
+      from adv_diffusion import robustness_table
+      print(f"Robustness table: {robustness_table.run_robustness(config, FLAGS.workdir)}")
     elif FLAGS.mode == "import_torch":
       from adv_diffusion import torch_io
       torch_io.import_torch_checkpoint(config, FLAGS.workdir, FLAGS.torch_checkpoint,

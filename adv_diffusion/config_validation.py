@@ -56,6 +56,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _validate_adversarial(config)
   _validate_consistency(config)
   _validate_table(config)
+  _validate_robustness(config)
+  _validate_story(config)
   _validate_sampling(config)
   _validate_evaluation(config)
 
@@ -211,6 +213,43 @@ def _validate_table(config) -> None:
     if not values or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in values):
       _fail(f"table.{key}", values, "use a non-empty tuple of positive integers")
   _check_int(config, "table.num_samples", 1)
+
+
+def _validate_story(config) -> None:
+  from sampling.registry import METHODS
+
+  st = config.story
+  if not isinstance(st.enabled, bool):
+    _fail("story.enabled", st.enabled, "use True or False")
+  _check_int(config, "story.clean_steps", 1)
+  _check_int(config, "story.clean_warmup_steps", 0)
+  _check_int(config, "story.num_samples", 2)
+  _check_float(config, "story.clean_learning_rate", 0.0, float("inf"), low_open=True)
+  if not st.methods or any(m not in METHODS or m == "consistency" for m in st.methods):
+    _fail("story.methods", st.methods, f"use a non-empty tuple of {list(METHODS[:-1])}")
+  if not st.nfes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in st.nfes):
+    _fail("story.nfes", st.nfes, "use a non-empty tuple of positive integers")
+  if st.enabled and (config.adversarial.mode == "none" or config.consistency.mode != "none"):
+    _fail("story.enabled", st.enabled, "the story fine-tunes a diffusion model with AT: use it "
+          "with adversarial.mode 'fast' or 'pgd' and consistency.mode 'none'")
+
+
+def _validate_robustness(config) -> None:
+  from evaluation.robustness import KINDS
+
+  r = config.robustness
+  _check_int(config, "robustness.nfe", 1)
+  _check_int(config, "robustness.pgd_steps", 1)
+  _check_int(config, "robustness.num_samples", 2)
+  if not r.kinds or any(k not in KINDS for k in r.kinds):
+    _fail("robustness.kinds", r.kinds, f"use a non-empty tuple of {list(KINDS)}")
+  if not r.budgets or any(isinstance(b, bool) or not isinstance(b, (int, float))
+                          or not 0 < b < float("inf") for b in r.budgets):
+    _fail("robustness.budgets", r.budgets, "use a non-empty tuple of positive numbers (ρ)")
+  if not r.attack_steps or any(isinstance(i, bool) or not isinstance(i, int)
+                               or not 0 <= i < r.nfe for i in r.attack_steps):
+    _fail("robustness.attack_steps", r.attack_steps,
+          f"use a non-empty tuple of sampler step indices in [0, robustness.nfe = {r.nfe})")
 
 
 def _validate_sampling(config) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import ml_collections
 from absl import logging
@@ -24,13 +24,19 @@ from adv_diffusion.config_validation import validate_config
 from adv_diffusion.errors import ConfigError
 
 # Published CIFAR-10 FIDs (50K samples) quoted in PAPER.md §7: (run label, method, NFE) → FID.
-PUBLISHED: dict[tuple[str, str, int], float] = {
+PUBLISHED_CIFAR10: dict[tuple[str, str, int], float] = {
     ("ADM", "ddim", 10): 22.62, ("ADM", "ddim", 20): 10.52, ("ADM", "ddim", 50): 4.55,
     ("ADM-AT", "ddim", 10): 15.88, ("ADM-AT", "ddim", 20): 6.60, ("ADM-AT", "ddim", 50): 3.34,
     ("ADM", "ancestral", 20): 10.36, ("ADM", "ancestral_es", 20): 5.15,
     ("CD", "consistency", 1): 3.55, ("CD", "consistency", 2): 2.93,  # LPIPS distance
 }
+PUBLISHED = {"cifar10": PUBLISHED_CIFAR10}  # dataset → published numbers
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
+
+
+def published_fid(dataset: str, label: str, method: str, nfe: int) -> float | None:
+  """The paper's FID for this dataset, run label, sampler and NFE, if it publishes one."""
+  return PUBLISHED.get(dataset, {}).get((label, method, nfe))
 
 
 def parse_runs(spec: str) -> list[tuple[str, str]]:
@@ -69,10 +75,6 @@ def _is_consistency_run(workdir: str) -> bool:
     return json.load(f).get("consistency", {}).get("mode", "none") != "none"
 
 
-def _cell_name(label: str, method: str, nfe: int) -> str:
-  return f"{label}_{method}_nfe{nfe}".replace("/", "-").replace("+", "p")
-
-
 def _write_json_atomic(path: str, payload: dict) -> None:
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
@@ -80,94 +82,135 @@ def _write_json_atomic(path: str, payload: dict) -> None:
   os.replace(tmp, path)
 
 
-def _compute_cell(config: ml_collections.ConfigDict, label: str, workdir: str, method: str,
-                  nfe: int, reference: str) -> dict[str, Any]:
+def reference_statistics(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The reference statistics of `config.data`, computed once into WORKDIR/eval/reference.npz."""
+  ref_config = ml_collections.ConfigDict(config.to_dict())
+  ref_config.evaluation.reference = os.path.join(workdir, "eval", "reference.npz")
+  return eval_modes.fid_stats(ref_config, workdir)
+
+
+def score_samples(config: ml_collections.ConfigDict, run_dir: str, reference: str,
+                  num_samples: int, *, sampler=None, tag_suffix: str = "") -> dict[str, Any]:
+  """Generates `num_samples` samples of `config.sampling` from the run in `run_dir` (resumable)
+  and scores them: the METRICS, the sample count and the provenance of the numbers."""
   from sampling import generate
 
   cfg = ml_collections.ConfigDict(config.to_dict())
-  cfg.sampling.method, cfg.sampling.nfe = method, nfe
-  cfg.sampling.num_samples = config.table.num_samples
+  cfg.sampling.num_samples = num_samples
   cfg.evaluation.reference = reference
-  cfg.evaluation.samples = generate.generate_from_config(cfg, workdir)
-  result = eval_modes.evaluate_samples(cfg, workdir)
-  return {"label": label, "workdir": os.path.abspath(workdir), "method": method, "nfe": nfe,
-          "num_samples": config.table.num_samples,
-          "published_fid": PUBLISHED.get((label, method, nfe)),
+  cfg.evaluation.samples = generate.generate_from_config(cfg, run_dir, sampler=sampler,
+                                                         tag_suffix=tag_suffix)
+  result = eval_modes.evaluate_samples(cfg, run_dir)
+  return {"workdir": os.path.abspath(run_dir), "num_samples": num_samples,
           **{m: result.get(m) for m in METRICS}, "provenance": result.get("provenance", {})}
+
+
+def fill_cells(cells: list[tuple[str, str, Callable[[], dict]]], cell_dir: str) -> list[dict]:
+  """Results of (name, description, compute) cells in order; each finished cell is stored as
+  `cell_dir/<name>.json` and read back instead of recomputed on a rerun."""
+  os.makedirs(cell_dir, exist_ok=True)
+  results = []
+  for i, (name, description, compute) in enumerate(cells, start=1):
+    path = os.path.join(cell_dir, name.replace("/", "-").replace("+", "p") + ".json")
+    if os.path.isfile(path):
+      logging.info("Cell %d/%d %s: done before.", i, len(cells), description)
+      with open(path) as f:
+        results.append(json.load(f))
+      continue
+    logging.info("Cell %d/%d: %s.", i, len(cells), description)
+    result = compute()
+    _write_json_atomic(path, result)
+    results.append(result)
+  return results
 
 
 def run_table(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Computes the missing cells, then writes table.md, table.csv and fid_vs_nfe.png; returns
   the markdown path."""
   validate_config(config)
-  cells = cell_grid(config)
+  grid = cell_grid(config)
   out_dir = os.path.join(workdir, "table")
-  cell_dir = os.path.join(out_dir, "cells")
-  os.makedirs(cell_dir, exist_ok=True)
-  ref_config = ml_collections.ConfigDict(config.to_dict())
-  ref_config.evaluation.reference = os.path.join(workdir, "eval", "reference.npz")
-  reference = eval_modes.fid_stats(ref_config, workdir)
-  results = []
-  for i, (label, run_dir, method, nfe) in enumerate(cells, start=1):
-    path = os.path.join(cell_dir, _cell_name(label, method, nfe) + ".json")
-    if os.path.isfile(path):
-      logging.info("Cell %d/%d %s %s NFE %d: done before.", i, len(cells), label, method, nfe)
-      with open(path) as f:
-        results.append(json.load(f))
-      continue
-    logging.info("Cell %d/%d: %s %s NFE %d.", i, len(cells), label, method, nfe)
-    result = _compute_cell(config, label, run_dir, method, nfe, reference)
-    _write_json_atomic(path, result)
-    results.append(result)
+  reference = reference_statistics(config, workdir)
+
+  def cell(label: str, run_dir: str, method: str, nfe: int) -> tuple[str, str, Callable]:
+    def compute() -> dict[str, Any]:
+      cfg = ml_collections.ConfigDict(config.to_dict())
+      cfg.sampling.method, cfg.sampling.nfe = method, nfe
+      scores = score_samples(cfg, run_dir, reference, config.table.num_samples)
+      return {"label": label, "method": method, "nfe": nfe,
+              "published_fid": published_fid(config.data.dataset, label, method, nfe), **scores}
+    return f"{label}_{method}_nfe{nfe}", f"{label} {method} NFE {nfe}", compute
+
+  results = fill_cells([cell(*c) for c in grid], os.path.join(out_dir, "cells"))
   write_outputs(results, out_dir)
   return os.path.join(out_dir, "table.md")
 
 
+def write_csv(path: str, header: list[str], rows: list[list[Any]]) -> None:
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(header)
+    writer.writerows(rows)
+
+
+def metric_values(result: dict) -> list[str]:
+  return ["" if result.get(m) is None else f"{result[m]:.4f}" for m in METRICS]
+
+
+def markdown_grid(title: str, row_header: list[str], columns: list[str],
+                  rows: dict[tuple, list[str]]) -> str:
+  """A markdown table: `title`, then one line per row key (its fields first, then the cells)."""
+  lines = [title, "", "| " + " | ".join(row_header + columns) + " |",
+           "|" + " --- |" * (len(row_header) + len(columns))]
+  for key, cells in rows.items():
+    lines.append("| " + " | ".join([*map(str, key), *cells]) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def write_outputs(results: list[dict], out_dir: str) -> None:
   """table.csv (one row per cell), table.md (FID: ours (published)) and fid_vs_nfe.png."""
-  with open(os.path.join(out_dir, "table.csv"), "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["run", "method", "nfe", "num_samples", *METRICS, "published_fid"])
-    for r in results:
-      writer.writerow([r["label"], r["method"], r["nfe"], r["num_samples"],
-                       *("" if r.get(m) is None else f"{r[m]:.4f}" for m in METRICS),
-                       "" if r["published_fid"] is None else r["published_fid"]])
+  write_csv(os.path.join(out_dir, "table.csv"),
+            ["run", "method", "nfe", "num_samples", *METRICS, "published_fid"],
+            [[r["label"], r["method"], r["nfe"], r["num_samples"], *metric_values(r),
+              "" if r["published_fid"] is None else r["published_fid"]] for r in results])
   nfes = sorted({r["nfe"] for r in results})
-  rows: dict[tuple[str, str], dict[int, dict]] = {}
+  by_row: dict[tuple[str, str], dict[int, dict]] = {}
   for r in results:
-    rows.setdefault((r["label"], r["method"]), {})[r["nfe"]] = r
+    by_row.setdefault((r["label"], r["method"]), {})[r["nfe"]] = r
+
+  def text(r: dict | None) -> str:
+    if r is None:
+      return ""
+    published = "" if r["published_fid"] is None else f" ({r['published_fid']:.2f})"
+    return f"{r['fid']:.2f}{published}"
+
   counts = sorted({r["num_samples"] for r in results})
-  lines = [f"FID (ours, {'/'.join(map(str, counts))} samples; published 50K in parentheses)", "",
-           "| run | sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
-           "| --- | --- |" + " --- |" * len(nfes)]
-  for (label, method), by_nfe in rows.items():
-    cells = []
-    for n in nfes:
-      r = by_nfe.get(n)
-      if r is None:
-        cells.append("")
-        continue
-      text = f"{r['fid']:.2f}"
-      if r["published_fid"] is not None:
-        text += f" ({r['published_fid']:.2f})"
-      cells.append(text)
-    lines.append(f"| {label} | {method} | " + " | ".join(cells) + " |")
+  published = ("; published 50K in parentheses"
+               if any(r["published_fid"] is not None for r in results) else "")
+  title = f"FID (ours, {'/'.join(map(str, counts))} samples{published})"
+  markdown = markdown_grid(title, ["run", "sampler"], [f"NFE {n}" for n in nfes],
+                           {key: [text(row.get(n)) for n in nfes] for key, row in by_row.items()})
   with open(os.path.join(out_dir, "table.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-  _plot(rows, os.path.join(out_dir, "fid_vs_nfe.png"))
+    f.write(markdown)
+  plot_lines({f"{label} / {method}": {n: r["fid"] for n, r in row.items()}
+              for (label, method), row in by_row.items()},
+             "NFE", os.path.join(out_dir, "fid_vs_nfe.png"), log_x=True)
 
 
-def _plot(rows: dict[tuple[str, str], dict[int, dict]], path: str) -> None:
+def plot_lines(series: dict[str, dict[float, float]], xlabel: str, path: str, *,
+               log_x: bool) -> None:
+  """A PNG with one FID line per series (x → FID)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-  for (label, method), by_nfe in rows.items():
-    nfes = sorted(by_nfe)
-    ax.plot(nfes, [by_nfe[n]["fid"] for n in nfes], marker="o", label=f"{label} / {method}")
-  ax.set_xscale("log")
-  ax.set_xlabel("NFE")
+  for name, points in series.items():
+    xs = sorted(points)
+    ax.plot(xs, [points[x] for x in xs], marker="o", label=name)
+  if log_x:
+    ax.set_xscale("log")
+  ax.set_xlabel(xlabel)
   ax.set_ylabel("FID")
   ax.legend(fontsize=7)
   ax.grid(True, alpha=0.3)

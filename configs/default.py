@@ -72,6 +72,27 @@ def get_config() -> ml_collections.ConfigDict:
   table.cm_nfes = (1, 2)  # NFE columns of consistency-model runs (method "consistency")
   table.num_samples = 50000  # samples per cell (the paper: 50K)
 
+  # ---- the whole story in one command (adv_diffusion/story.py; configs/digits_at.py) -------
+  config.story = story = ml_collections.ConfigDict()
+  story.enabled = False  # True: --mode=train runs clean → AT + equal-budget clean control → table
+  story.clean_steps = 600  # minibatches of the clean stage the AT and control runs start from
+  story.clean_learning_rate = 1e-3  # peak learning rate of the clean stage
+  story.clean_warmup_steps = 100  # warm-up of the clean stage
+  story.clean_workdir = ""  # an existing clean run to start from instead ("" = WORKDIR/clean)
+  story.methods = ("ddim", "dpm_solver++")  # samplers of the final table
+  story.nfes = (5, 10)  # NFE columns of the final table
+  story.num_samples = 150  # samples per table cell (Inception: ~0.2 s per image on 2 CPU cores)
+
+  # ---- robustness under attack (--mode=robustness): FID against perturbation budget --------
+  config.robustness = rob = ml_collections.ConfigDict()
+  rob.runs = ""  # "LABEL=WORKDIR,..." runs to attack; "" = table.runs
+  rob.nfe = 10  # DDIM steps (η = sampling.eta) of the attacked trajectories
+  rob.kinds = ("random", "adversarial")  # Gaussian direction | PGD on the denoising error
+  rob.budgets = (0.02, 0.05, 0.1)  # ρ: ‖δ‖₂ ≤ ρ·sqrt(d) per example (per-pixel RMS; 0 = clean)
+  rob.attack_steps = (0, 3, 6)  # sampler step indices (0 = first, at t ≈ T) where x_t is perturbed
+  rob.pgd_steps = 5  # ascent steps of the adversarial perturbation (each a forward + backward)
+  rob.num_samples = 10000  # samples per cell
+
   # ---- consistency models (PAPER.md §8; "none" = train the diffusion model itself) --------
   config.consistency = cm = ml_collections.ConfigDict()
   cm.mode = "none"  # "none" | "distill" (CD from a teacher run) | "train" (CT, no teacher)

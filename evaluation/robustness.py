@@ -8,11 +8,14 @@ per example (d = pixels × channels, the AT radius convention of PAPER.md §4):
   * random: δ = ρ·sqrt(d)·u/‖u‖₂, u Gaussian (exactly on the sphere);
   * adversarial: PGD — a random start on half the sphere, then normalised gradient ascent on
     the denoising error, projected back onto the ball after every step.
+`trajectory_perturbation` applies either to a sampler's state x_t at chosen steps, the
+reference being the model's own x̂_0 at the unperturbed x_t (`sampling.ddim`'s `perturb` hook).
 Pure functions of (model_fn, arrays, key); this package imports nothing from adv_diffusion.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Callable
 
 import jax
@@ -46,8 +49,15 @@ def denoising_error(model_fn: ModelFn, x: jax.Array, t: jax.Array, x_ref: jax.Ar
 
 
 def random_perturbation(key: jax.Array, x: jax.Array, rho: float) -> jax.Array:
-  """Gaussian direction scaled to exactly the budget ρ·sqrt(d) per example."""
-  u = jax.random.normal(key, x.shape, jnp.float32)
+  """Gaussian direction scaled to exactly the budget ρ·sqrt(d) per example.
+
+  `key` is one key for the batch, or one key per example (shape (B,)): then example i's
+  direction depends on its own key only, whatever the batch it is in.
+  """
+  if key.ndim == 1:
+    u = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], jnp.float32))(key)
+  else:
+    u = jax.random.normal(key, x.shape, jnp.float32)
   return budget(rho, x) * u / _per_example_norm(u)
 
 
@@ -78,3 +88,39 @@ def pgd_perturbation(model_fn: ModelFn, x: jax.Array, t: jax.Array, x_ref: jax.A
   delta0 = 0.5 * random_perturbation(key, x, rho)
   delta, _ = jax.lax.scan(ascend, delta0, None, length=steps)
   return delta
+
+
+KINDS = ("random", "adversarial")
+
+
+def trajectory_perturbation(model_fn: ModelFn, kind: str, rho: float, attack_steps: Sequence[int],
+                            num_steps: int, alphas_cumprod: np.ndarray, keys: jax.Array, *,
+                            pgd_steps: int = 5) -> Callable[[jax.Array, jax.Array, jax.Array],
+                                                            jax.Array]:
+  """perturb(i, t, x_t) for a sampler: x_t + δ at the steps i in `attack_steps`, else x_t.
+
+  δ is `kind` "random" (on the budget sphere) or "adversarial" (PGD maximising the error of
+  x̂_0 against the model's own prediction at the unperturbed x_t); ‖δ‖₂ ≤ ρ·sqrt(d). `keys` are
+  per-example keys; step i uses fold_in(key, i). `t` are original-grid timesteps.
+  """
+  if kind not in KINDS:
+    raise ValueError(f"Unknown perturbation kind {kind!r}; allowed kinds are {list(KINDS)}.")
+  bad = [i for i in attack_steps if not 0 <= int(i) < num_steps]
+  if bad or not attack_steps:
+    raise ValueError(f"attack steps {list(attack_steps)} must be a non-empty list of sampler "
+                     f"step indices in [0, {num_steps}).")
+  attacked = jnp.zeros((num_steps,), bool).at[jnp.asarray(list(attack_steps))].set(True)
+
+  def perturb(i: jax.Array, t: jax.Array, x: jax.Array) -> jax.Array:
+    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
+
+    def add_delta(x):
+      if kind == "random":
+        return x + random_perturbation(step_keys, x, rho)
+      reference = jax.lax.stop_gradient(x0_prediction(model_fn, x, t, alphas_cumprod))
+      return x + pgd_perturbation(model_fn, x, t, reference, alphas_cumprod, rho, step_keys,
+                                  steps=pgd_steps)
+
+    return jax.lax.cond(attacked[i], add_delta, lambda x: x, x)
+
+  return perturb

@@ -102,10 +102,19 @@ def check_eta(eta: float) -> float:
   return float(eta)
 
 
+# perturb(i, t, x_t) -> x_t': applied to the trajectory before step i (t: original-grid timesteps).
+Perturbation = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
 def sample_ddim(model_fn: ModelFn, noise: jax.Array, diffusion: GaussianDiffusion,
                 sample_keys: jax.Array | None = None, *, eta: float = 0.0,
-                clip_denoised: bool = True) -> tuple[jax.Array, int]:
-  """(samples, nfe) of DDIM from x_T = `noise` over every step of the (respaced) `diffusion`."""
+                clip_denoised: bool = True, perturb: Perturbation | None = None
+                ) -> tuple[jax.Array, int]:
+  """(samples, nfe) of DDIM from x_T = `noise` over every step of the (respaced) `diffusion`.
+
+  `perturb` (robustness evaluation) replaces x_t before step i; the sampler then continues from
+  the perturbed state, as it would from an off-trajectory x_t.
+  """
   eta = check_eta(eta)
   if eta > 0 and sample_keys is None:
     raise ValueError("sample_keys are required when eta > 0 (DDIM then adds noise each step).")
@@ -123,6 +132,8 @@ def sample_ddim(model_fn: ModelFn, noise: jax.Array, diffusion: GaussianDiffusio
   def body(i, x):
     t_index = num_steps - 1 - i
     t = jnp.full((batch,), t_index, jnp.int32)
+    if perturb is not None:
+      x = perturb(i, diffusion.model_timesteps(t), x)
     eps = model_fn(x, diffusion.model_timesteps(t))[..., :channels]
     # IDDPM Eq. 10 solved for x_0, then ε re-derived from the (clipped) x_0 as ADM does.
     pred_xstart = gather("sqrt_recip_alphas_cumprod", t) * x - gather(

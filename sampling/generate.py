@@ -157,18 +157,23 @@ def _chunk_ok(path: str, count: int, image_shape: tuple[int, ...], conditional: 
     return False
 
 
-def generate_from_config(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Generates (or completes) the sample set of `config.sampling`; returns its .npz path."""
+def generate_from_config(config: ml_collections.ConfigDict, workdir: str, *,
+                         sampler: Sampler | None = None, tag_suffix: str = "") -> str:
+  """Generates (or completes) the sample set of `config.sampling`; returns its .npz path.
+
+  `sampler` replaces the one `config.sampling` names (e.g. an attacked sampler); its `options`
+  must then describe everything it does, and `tag_suffix` tells its sets apart.
+  """
   validate_config(config)
   s, d = config.sampling, config.data
   mesh = parallel.make_mesh()
   if s.batch_size % mesh.size:
     raise ConfigError(f"config.sampling.batch_size = {s.batch_size} is not allowed: it must be "
                       f"divisible by the {mesh.size} devices of the mesh.")
-  sampler = build_sampler(config)
+  sampler = sampler or build_sampler(config)
   step = resolve_checkpoint(workdir, s.checkpoint_step)
   is_main = jax.process_index() == 0
-  tag = sample_tag(config, step)
+  tag = sample_tag(config, step) + tag_suffix
   samples_dir = os.path.join(workdir, "samples")
   digest = _settings_digest(config, sampler)
   chunk_dir = os.path.join(samples_dir, tag, f"b{s.batch_size}_{digest}")

@@ -1,11 +1,13 @@
-"""Attacks on the denoiser input: budgets hold, and PGD beats a random direction of equal norm."""
+"""Attacks on the denoiser input and on sampling trajectories: budgets hold, and PGD beats a
+random direction of equal norm."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from evaluation import robustness
-from tests.test_consistency import GaussianProblem
+from sampling.ddim import respaced_diffusion, sample_ddim
+from tests.test_consistency import T, GaussianProblem
 
 
 def test_pgd_raises_the_denoising_error_more_than_random_noise_within_budget():
@@ -51,3 +53,40 @@ def test_self_referenced_attack_escapes_the_zero_gradient_at_the_clean_input():
   # Fixed-size normalised steps end near, not at, the maximum (measured 0.90-0.97 of it); no
   # perturbation within the budget can exceed it.
   assert np.all(np.asarray(err) <= best * (1 + 1e-4)) and np.all(np.asarray(err) >= 0.85 * best)
+
+
+def test_trajectory_attack_stays_in_budget_and_moves_samples_more_than_random():
+  g = GaussianProblem()
+  params = g.teacher()
+  model_fn = lambda x, t: g.net(params, x, t)  # noqa: E731
+  ac, nfe, rho, attacked_step = g.alphas_cumprod, 10, 0.05, 2
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(jnp.arange(64))
+  perturb = {kind: robustness.trajectory_perturbation(model_fn, kind, rho, (attacked_step,), nfe,
+                                                      ac, keys, pgd_steps=20)
+             for kind in robustness.KINDS}
+  x = jax.random.normal(jax.random.key(4), (64, 1, 1, 4))
+  t = jnp.full((64,), 500)
+  for kind in robustness.KINDS:  # steps not in the attack list leave x_t untouched
+    np.testing.assert_array_equal(perturb[kind](jnp.int32(attacked_step + 1), t, x), x)
+
+  delta = {k: perturb[k](jnp.int32(attacked_step), t, x) - x for k in robustness.KINDS}
+  norms = {k: np.sqrt(np.sum(np.square(np.asarray(d)), axis=(1, 2, 3))) for k, d in delta.items()}
+  radius = robustness.budget(rho, x)
+  np.testing.assert_allclose(norms["random"], radius, rtol=1e-5)
+  assert np.all(norms["adversarial"] <= radius * (1 + 1e-5))
+  reference = robustness.x0_prediction(model_fn, x, t, ac)
+  error = {k: np.asarray(robustness.denoising_error(model_fn, x + d, t, reference, ac))
+           for k, d in delta.items()}
+  assert np.all(error["adversarial"] > error["random"])
+  # Example i's random direction depends on its own key only, not on the batch it is in.
+  small = robustness.trajectory_perturbation(model_fn, "random", rho, (attacked_step,), nfe, ac,
+                                             keys[:8])
+  np.testing.assert_allclose(small(jnp.int32(attacked_step), t[:8], x[:8]) - x[:8],
+                             delta["random"][:8], atol=1e-6)
+
+  # Whole DDIM trajectories from the same noise: the attacked state propagates to the samples.
+  steps = respaced_diffusion("linear", T, nfe)
+  clean = sample_ddim(model_fn, x, steps, keys)[0]
+  moved = {k: float(jnp.mean(jnp.square(sample_ddim(model_fn, x, steps, keys, perturb=p)[0]
+                                         - clean))) for k, p in perturb.items()}
+  assert moved["adversarial"] > moved["random"] > 0

@@ -1,4 +1,6 @@
-"""A tiny digits run for tests: a two-level UNet that compiles and steps fast on 2 CPU cores."""
+"""A tiny digits run for tests: a one-level UNet without attention that compiles fast on 2 CPU
+cores (a train step compiles in ~20 s instead of ~60 s with a second level and attention; the
+UNet's own layers are tested against guided-diffusion in test_unet.py)."""
 
 from configs import digits_adm
 
@@ -6,10 +8,9 @@ from configs import digits_adm
 def get_config():
   config = digits_adm.get_config()
   config.model.num_channels = 32
-  config.model.channel_mult = (1, 2)
+  config.model.channel_mult = (1,)
   config.model.num_res_blocks = 1
-  config.model.attention_resolutions = (8,)
-  config.model.num_head_channels = 32
+  config.model.attention_resolutions = ()
   config.model.dropout = 0.1
   config.optim.learning_rate = 1e-3
   config.optim.warmup_steps = 0

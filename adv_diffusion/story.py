@@ -1,0 +1,114 @@
+"""The whole story in one command (`config.story.enabled`): does AT help this model?
+
+Stages, each a resumable run in its own sub-directory of the workdir:
+  1. `clean/`   clean ADM training (`story.clean_steps` at `story.clean_learning_rate`);
+  2. `at/`      AT fine-tuning from the clean run's last checkpoint, as the paper does (PAPER.md
+                §4): the config itself, `train.num_steps` minibatches;
+  3. `control/` the equal-budget clean continuation from the same checkpoint: the same
+                optimizer, schedule and EMA, adversarial training off, and as many optimizer
+                updates as AT makes (K per minibatch for "fast" AT, 1 for "pgd");
+  4. `table/`   samples of the AT and control runs for `story.methods` × `story.nfes`, FID (and the other
+                metrics) against the reference statistics, markdown + CSV + FID-vs-NFE plot,
+                through `--mode=table` (resumable cell by cell).
+A killed story resumes at the stage (and step, or cell) where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+from absl import logging
+
+from adv_diffusion import tables, train
+from adv_diffusion.config_validation import validate_config
+from evaluation import inception
+
+STAGES = ("clean", "at", "control")
+TABULATED = {"at": "ADM-AT", "control": "ADM (clean control)"}  # stage → table label
+
+
+def updates_per_step(config: ml_collections.ConfigDict) -> int:
+  """Optimizer updates per minibatch: K for the authors' fast AT, else 1."""
+  return config.adversarial.num_replays if config.adversarial.mode == "fast" else 1
+
+
+def _copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict(config.to_dict())
+  cfg.story.enabled = False
+  return cfg
+
+
+def stage_configs(config: ml_collections.ConfigDict, workdir: str
+                  ) -> dict[str, ml_collections.ConfigDict]:
+  """The run config of every stage; the AT config is `config` itself."""
+  story = config.story
+  clean_dir = story.clean_workdir or os.path.join(workdir, "clean")
+  clean = _copy(config)
+  clean.adversarial.mode = "none"
+  clean.optim.learning_rate = story.clean_learning_rate
+  clean.optim.warmup_steps = story.clean_warmup_steps
+  clean.train.num_steps = story.clean_steps
+  clean.train.init_from = ""
+  clean.train.checkpoint_every = min(clean.train.checkpoint_every, story.clean_steps)
+  clean.train.sample_every = story.clean_steps if config.train.sample_every else 0
+
+  at = _copy(config)
+  at.train.init_from, at.train.init_from_step = clean_dir, -1
+  at.train.init_from_command = "the story's clean stage (run the same command again)"
+
+  k = updates_per_step(config)
+  control = _copy(at)
+  control.adversarial.mode = "none"
+  control.train.num_steps = at.train.num_steps * k
+  control.train.checkpoint_every = at.train.checkpoint_every * k
+  control.train.sample_every = control.train.num_steps if config.train.sample_every else 0
+  control.train.log_every = at.train.log_every * k
+  return {"clean": clean, "at": at, "control": control}
+
+
+def _finished(run_dir: str, num_steps: int) -> bool:
+  path = os.path.join(run_dir, "train_done.json")
+  if not os.path.isfile(path):
+    return False
+  with open(path) as f:
+    return json.load(f).get("step", -1) >= num_steps
+
+
+def table_config(config: ml_collections.ConfigDict, run_dirs: dict[str, str]
+                 ) -> ml_collections.ConfigDict:
+  cfg = _copy(config)
+  story = config.story
+  cfg.table.runs = ",".join(f"{label}={run_dirs[name]}" for name, label in TABULATED.items())
+  cfg.table.methods, cfg.table.nfes = tuple(story.methods), tuple(story.nfes)
+  cfg.table.num_samples = story.num_samples
+  return cfg
+
+
+def run_story(config: ml_collections.ConfigDict, workdir: str) -> str | None:
+  """Runs the missing stages; returns the table's markdown path (None if preempted)."""
+  validate_config(config)
+  # The last stage needs the FID network: say so now, not after the training stages.
+  inception.load_inception_weights(config.evaluation.inception_weights or None)
+  configs = stage_configs(config, workdir)
+  run_dirs = {name: os.path.join(workdir, name) for name in STAGES}
+  if config.story.clean_workdir:
+    run_dirs["clean"] = config.story.clean_workdir
+  for number, name in enumerate(STAGES, start=1):
+    cfg, run_dir = configs[name], run_dirs[name]
+    if _finished(run_dir, cfg.train.num_steps):
+      logging.info("Story stage %d/4 (%s): done before, in %s.", number, name, run_dir)
+      continue
+    logging.info("Story stage %d/4 (%s): %d steps in %s.", number, name, cfg.train.num_steps,
+                 run_dir)
+    train.train_and_evaluate(cfg, run_dir)
+    if not _finished(run_dir, cfg.train.num_steps):  # preempted: the stage saved and returned
+      return None
+  logging.info("Story stage 4/4: samples and FID (%s × NFE %s, %d samples per cell).",
+               "/".join(config.story.methods), "/".join(map(str, config.story.nfes)),
+               config.story.num_samples)
+  path = tables.run_table(table_config(config, run_dirs), workdir)
+  with open(path) as f:
+    print(f.read())
+  return path
