@@ -13,6 +13,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
+COMPILATION_CACHE = "~/.cache/adv_diffusion/xla"
 config_flags.DEFINE_config_file("config", None, "Path to a configs/<name>.py file.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
@@ -79,6 +80,10 @@ def main(argv):
     sys.exit(1)
   import jax
 
+  # Reuse compiled programs across runs and stages (a CPU compile of a train step takes a
+  # minute); JAX_COMPILATION_CACHE_DIR, when set, wins.
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(COMPILATION_CACHE))
   from adv_diffusion import train
   from evaluation.errors import EvaluationError
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from typing import Any, Callable
 
 import ml_collections
@@ -83,9 +84,11 @@ def _write_json_atomic(path: str, payload: dict) -> None:
 
 
 def reference_statistics(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """The reference statistics of `config.data`, computed once into WORKDIR/eval/reference.npz."""
+  """The reference statistics of `config.data`, computed once into `config.evaluation.reference`
+  (default WORKDIR/eval/reference.npz) and reused while they describe the same images."""
   ref_config = ml_collections.ConfigDict(config.to_dict())
-  ref_config.evaluation.reference = os.path.join(workdir, "eval", "reference.npz")
+  ref_config.evaluation.reference = (config.evaluation.reference
+                                     or os.path.join(workdir, "eval", "reference.npz"))
   return eval_modes.fid_stats(ref_config, workdir)
 
 
@@ -111,7 +114,7 @@ def fill_cells(cells: list[tuple[str, str, Callable[[], dict]]], cell_dir: str) 
   os.makedirs(cell_dir, exist_ok=True)
   results = []
   for i, (name, description, compute) in enumerate(cells, start=1):
-    path = os.path.join(cell_dir, name.replace("/", "-").replace("+", "p") + ".json")
+    path = os.path.join(cell_dir, re.sub(r"[^\w.-]+", "-", name.replace("+", "p")) + ".json")
     if os.path.isfile(path):
       logging.info("Cell %d/%d %s: done before.", i, len(cells), description)
       with open(path) as f:
