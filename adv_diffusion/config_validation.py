@@ -1,5 +1,6 @@
 """Start-up checks of a configuration: each failure names the key, the value and what is allowed."""
 
+import os
 from typing import Any, Iterable
 
 import ml_collections
@@ -184,9 +185,7 @@ def _validate_consistency(config) -> None:
     _fail("consistency.skip", cm.skip, f"use at most consistency.num_scales = {cm.num_scales}")
   _check_choice(config, "consistency.distance", consistency.DISTANCES)
   if cm.distance == "lpips":
-    _fail("consistency.distance", cm.distance,
-          "LPIPS needs VGG and LPIPS weights that this codebase cannot load yet; use 'l2' or "
-          "'pseudo_huber'")
+    _validate_lpips(config)
   _check_float(config, "consistency.sigma_data", 0.0, float("inf"), low_open=True)
   _check_float(config, "consistency.timestep_scale", 0.0, float("inf"), low_open=True)
   for key in ("target_ema", "target_ema_start"):
@@ -200,6 +199,25 @@ def _validate_consistency(config) -> None:
     if cm.teacher_step < -1:
       _fail("consistency.teacher_step", cm.teacher_step, "use -1 (latest) or a step ≥ 0")
     _check_int(config, "consistency.teacher_ema_index", 0)
+
+
+def _validate_lpips(config) -> None:
+  from evaluation import lpips
+
+  cm = config.consistency
+  _check_int(config, "consistency.lpips_resize", 0)
+  if 0 < cm.lpips_resize < lpips.MIN_SIZE or (
+      cm.lpips_resize == 0 and config.data.image_size < lpips.MIN_SIZE):
+    _fail("consistency.lpips_resize", cm.lpips_resize,
+          f"LPIPS-VGG needs images of at least {lpips.MIN_SIZE} pixels (data.image_size = "
+          f"{config.data.image_size}); use {lpips.MIN_SIZE} or more, or 0 for images that large")
+  if not isinstance(cm.lpips_weights, str):
+    _fail("consistency.lpips_weights", cm.lpips_weights, "use a file path or '' (the default)")
+  path = lpips.resolve_weights_path(cm.lpips_weights)
+  if not os.path.isfile(path):
+    # config.consistency.lpips_weights = '' means the default file.
+    raise ConfigError(f"config.consistency.distance = 'lpips' but "
+                      f"{lpips.missing_weights_message(path)}")
 
 
 def _validate_table(config) -> None:

@@ -47,16 +47,25 @@ def ddim_step(eps: jax.Array, x: jax.Array, t: jax.Array, s: jax.Array,
   return jnp.sqrt(a_s) * x0 + jnp.sqrt(1.0 - a_s) * eps
 
 
-def distance(a: jax.Array, b: jax.Array, kind: str) -> jax.Array:
+def distance(a: jax.Array, b: jax.Array, kind: str, lpips_params: Any = None,
+             lpips_resize: int = 0) -> jax.Array:
   """Per-example distance: "l2" = mean squared error over pixels; "pseudo_huber" =
-  sqrt(‖a − b‖² + c²) − c with c = 0.00054·sqrt(d) (Song & Dhariwal 2023, iCT)."""
+  sqrt(‖a − b‖² + c²) − c with c = 0.00054·sqrt(d) (Song & Dhariwal 2023, iCT); "lpips" =
+  LPIPS-VGG v0.1 (Zhang et al. 2018) with the frozen `lpips_params`, both images bilinearly
+  resized to `lpips_resize` pixels first (0 = as they are; Song et al. 2023 use 224)."""
+  if kind == "lpips":
+    from evaluation.lpips import lpips_distance
+
+    if lpips_params is None:
+      raise ValueError("distance 'lpips' needs lpips_params (see evaluation.lpips).")
+    return lpips_distance(lpips_params, a, b, resize=lpips_resize)
   diff = (a - b).reshape(a.shape[0], -1)
   if kind == "l2":
     return jnp.mean(jnp.square(diff), axis=1)
   if kind == "pseudo_huber":
     c = 0.00054 * np.sqrt(diff.shape[1])
     return jnp.sqrt(jnp.sum(jnp.square(diff), axis=1) + c * c) - c
-  raise ValueError(f"unknown distance {kind!r}; use one of {DISTANCES[:2]}")
+  raise ValueError(f"unknown distance {kind!r}; use one of {DISTANCES}")
 
 
 def target_ema_rate(cm: ml_collections.ConfigDict, num_updates: jax.Array) -> jax.Array:
@@ -105,14 +114,17 @@ def consistency_inputs(x_start: jax.Array, labels: jax.Array | None, key: jax.Ar
 
 def consistency_loss(params: Any, delta: jax.Array | None, inputs: MinibatchInputs,
                      dropout_key: jax.Array, *, apply_fn: ApplyFn, alphas_cumprod: np.ndarray,
-                     cm: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Mean over the batch of d(f_θ(x_{t_{n+k}} + δ, t_{n+k}), target) (δ = None: clean)."""
+                     cm: ml_collections.ConfigDict, lpips_params: Any = None
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean over the batch of d(f_θ(x_{t_{n+k}} + δ, t_{n+k}), target) (δ = None: clean);
+  `lpips_params`: the frozen LPIPS network of `cm.distance` = "lpips" (else unused)."""
   x_in = inputs.x_t if delta is None else inputs.x_t + delta
   output = apply_fn(params, x_in, inputs.t, inputs.labels, dropout_key)
   student = consistency_function(output, x_in, inputs.t, jnp.asarray(alphas_cumprod, jnp.float32),
                                  sigma_data=cm.sigma_data, timestep_scale=cm.timestep_scale,
                                  clip_x0=cm.clip_x0)
-  dist = distance(student, inputs.target, cm.distance)
+  resize = cm.lpips_resize if cm.distance == "lpips" else 0
+  dist = distance(student, inputs.target, cm.distance, lpips_params, resize)
   return jnp.mean(dist * inputs.weights), {"loss": dist, "consistency_distance": dist}
 
 

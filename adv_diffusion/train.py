@@ -35,6 +35,8 @@ from adv_diffusion.losses import MinibatchInputs, diffusion_loss, input_perturba
 from adv_diffusion.nets.factory import create_unet
 from adv_diffusion.preemption import PreemptionWatcher
 from adv_diffusion.workdir import check_free_space, check_workdir_writable
+from evaluation import lpips as lpips_lib
+from evaluation.inception import file_sha256
 from sampling import images as image_lib
 from sampling.ancestral import ancestral_sample, per_sample_noise
 from sampling.consistency import default_timesteps, sample_consistency
@@ -279,8 +281,9 @@ def _pgd_step(state, inputs, dropout_key, loss_fn, tx, config, delta0, radius):
 
 
 def _consistency_setup(state: TrainState, batch: dict[str, jax.Array], key: jax.Array,
-                       teacher_params: Any, apply_fn: Callable, model: nn.Module,
-                       diffusion: GaussianDiffusion, config: ml_collections.ConfigDict
+                       teacher_params: Any, lpips_params: Any, apply_fn: Callable,
+                       model: nn.Module, diffusion: GaussianDiffusion,
+                       config: ml_collections.ConfigDict
                        ) -> tuple[MinibatchInputs, jax.Array, Callable]:
   """Minibatch inputs (incl. the target), dropout key and loss of a consistency model."""
   k_inputs, k_dropout, k_flip = jax.random.split(key, 3)
@@ -295,18 +298,23 @@ def _consistency_setup(state: TrainState, batch: dict[str, jax.Array], key: jax.
       teacher_params=teacher_params, eval_fn=eval_fn,
       alphas_cumprod=diffusion.alphas_cumprod, cm=config.consistency)
   loss_fn = functools.partial(consistency.consistency_loss, apply_fn=apply_fn,
-                              alphas_cumprod=diffusion.alphas_cumprod, cm=config.consistency)
+                              alphas_cumprod=diffusion.alphas_cumprod, cm=config.consistency,
+                              lpips_params=lpips_params)
   return inputs, k_dropout, loss_fn
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], root_key: jax.Array,
-               teacher_params: Any = None, *, model: nn.Module, diffusion: GaussianDiffusion,
+               teacher_params: Any = None, lpips_params: Any = None, *, model: nn.Module,
+               diffusion: GaussianDiffusion,
                tx: optax.GradientTransformation, config: ml_collections.ConfigDict
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One minibatch iteration (`config.adversarial.mode`: none | fast | pgd); scalar metrics.
 
   Diffusion models (`config.consistency.mode` = "none") use ADM's hybrid loss; consistency
-  models the CD/CT loss with `teacher_params` (CD) — the δ search is the same code for both.
+  models the CD/CT loss with `teacher_params` (CD) and, for `config.consistency.distance` =
+  "lpips", the LPIPS network `lpips_params` — the δ search is the same code for both. Both are
+  frozen weights passed as arguments (not baked into the program as constants); None when
+  unused.
 
   A minibatch whose loss or updated parameters are not finite leaves the state as it was
   (apart from the step and `skipped_updates` counters): a bad update never reaches the state.
@@ -326,7 +334,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], root_key: jax.Arr
                                 target_type=config.adversarial.target)
   else:
     inputs, dropout_key, loss_fn = _consistency_setup(state, batch, key, teacher_params,
-                                                      apply_fn, model, diffusion, config)
+                                                      lpips_params, apply_fn, model, diffusion,
+                                                      config)
   adv = config.adversarial
   updates_before = state.num_updates
   if adv.mode == "none":
@@ -375,7 +384,8 @@ def compile_train_step(model: nn.Module, diffusion: GaussianDiffusion,
                               config=config)
   repl = parallel.replicated(mesh)
   state_sh = state_shardings(state, mesh)
-  return jax.jit(step_fn, in_shardings=(state_sh, parallel.batch_sharding(mesh), repl, repl),
+  return jax.jit(step_fn,
+                 in_shardings=(state_sh, parallel.batch_sharding(mesh), repl, repl, repl),
                  out_shardings=(state_sh, repl), donate_argnums=(0,))
 
 
@@ -552,6 +562,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     teacher_params, teacher_step = consistency.load_teacher(config, state.params)
     logging.info("Teacher: %s step %d (%s weights).", cm.teacher, teacher_step,
                  "EMA" if cm.teacher_use_ema else "raw")
+  lpips_params = None
+  if cm.mode != "none" and cm.distance == "lpips":
+    lpips_path = lpips_lib.resolve_weights_path(cm.lpips_weights)
+    lpips_params = jax.device_put(lpips_lib.load_lpips_params(lpips_path), repl)
+    logging.info("LPIPS-VGG weights: %s (sha256 %s).", lpips_path,
+                 file_sha256(lpips_path))
   state = restore_or_init(config, state, checkpointer, teacher_params)
   start_step = int(state.step)
   seen_skips = int(state.skipped_updates)
@@ -574,7 +590,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   try:
     for step in range(start_step + 1, t.num_steps + 1):
       batch = parallel.global_batch_from_local(next(batches), mesh)
-      state, metrics = step_fn(state, batch, step_key, teacher_params)
+      state, metrics = step_fn(state, batch, step_key, teacher_params, lpips_params)
       if previous is not None:
         seen_skips = _check_finite(*previous, config, seen_skips, saving=False)
       previous = (step, metrics)

@@ -69,7 +69,7 @@ def compiled_cifar10_step(config: ml_collections.ConfigDict) -> Callable[[], Non
   holder = {"state": state}
 
   def one_step() -> None:
-    holder["state"], metrics = step_fn(holder["state"], batch, key, teacher)
+    holder["state"], metrics = step_fn(holder["state"], batch, key, teacher, None)
     jax.block_until_ready(metrics)
 
   return one_step

@@ -103,7 +103,13 @@ def get_config() -> ml_collections.ConfigDict:
   cm.teacher_command = ""  # CD: how to train the teacher run (shown when it is missing)
   cm.num_scales = 50  # N: grid t_n = round(n·(T−1)/N), n = 0..N (t_0 = 0 where f(x, t_0) = x)
   cm.skip = 1  # k: the teacher's DDIM step goes from t_{n+k} to t_n
-  cm.distance = "l2"  # "l2" (mean squared) | "pseudo_huber" | "lpips" (not available yet)
+  cm.distance = "l2"  # "l2" (mean squared) | "pseudo_huber" | "lpips" (LPIPS-VGG v0.1, frozen)
+  # "lpips": the converted VGG16 + LPIPS weights (evaluation/convert_lpips.py); "" = the default
+  # file $ADV_DIFFUSION_LPIPS or ~/.cache/adv_diffusion/lpips_vgg.npz. Never downloaded.
+  cm.lpips_weights = ""
+  # "lpips": bilinear resize of both images to this many pixels before VGG (Song et al. 2023
+  # upsample to 224); 0 = as they are (VGG16 needs ≥ 16 pixels).
+  cm.lpips_resize = 224
   cm.sigma_data = 0.5  # σ_d of the boundary scalings c_skip, c_out
   cm.timestep_scale = 10.0  # s in c_skip(t) = σ_d²/((s·t)² + σ_d²) (LCM's timestep scaling)
   cm.clip_x0 = True  # clip the x_0 prediction inside f to [-1, 1] (ADM's clip_denoised)
@@ -155,7 +161,8 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.ema_index = 0  # which rate of train.ema_rates when use_ema
   sampling.checkpoint_step = -1  # checkpoint step of this workdir to sample from; -1 = latest
   sampling.seed = 0  # sampling PRNG seed (not the train seed); sample i uses fold_in(seed, i)
-  sampling.clip_denoised = True  # clip predicted x_0 to [-1, 1] (ancestral, ancestral_es, ddim)
+  sampling.clip_denoised = True  # clip predicted x_0 to [-1, 1] (ancestral, ancestral_es, ddim,
+  # dpm_solver++); unclipped, x_0 = (x_t − σ_t·ε)/α_t blows ε errors up by 1/α_t near t = T
   sampling.eps_scale = 1.017  # ADM-ES ε divisor (ancestral_es only; 1.017 = paper, CIFAR-10)
   sampling.eta = 0.0  # DDIM η (ddim only): 0 = deterministic ODE, 1 = DDPM-like noise
 

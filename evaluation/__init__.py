@@ -2,5 +2,6 @@
 
 inception (Flax FID Inception-v3 + torch-free weight loader), convert_inception (CLI, torch),
 preprocess (resize rules), features (sharded extraction), fid (statistics and scores), metrics
-(end-to-end evaluation with provenance), errors (EvaluationError).
+(end-to-end evaluation with provenance), errors (EvaluationError); lpips (Flax LPIPS-VGG, the
+consistency-model distance, + torch-free loader) and convert_lpips (CLI, torch).
 """

@@ -162,7 +162,8 @@ def read_source(source: str) -> dict[str, np.ndarray]:
 
 
 def write_npz_deterministic(path: str, flat: dict[str, np.ndarray]) -> None:
-  """np.savez-compatible file whose bytes depend only on `flat` (atomic replace)."""
+  """np.savez-compatible file whose bytes depend only on `flat` (atomic replace); numeric arrays
+  are stored as float32."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
   with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
@@ -170,8 +171,10 @@ def write_npz_deterministic(path: str, flat: dict[str, np.ndarray]) -> None:
       info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
       info.external_attr = 0o644 << 16
       buffer = io.BytesIO()
-      np.lib.format.write_array(buffer, np.ascontiguousarray(flat[key], np.float32),
-                                allow_pickle=False)
+      array = np.asarray(flat[key])
+      if array.dtype.kind in "fiub":  # numbers as float32; strings (e.g. a sha256) as they are
+        array = array.astype(np.float32)
+      np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
       zf.writestr(info, buffer.getvalue())
   os.replace(tmp, path)
 

@@ -422,7 +422,8 @@ def sample_dpm_solver(model_fn: ModelFn, noise: jax.Array, schedule: DiscreteVPS
                       t_end: float | None = None, lower_order_final: bool = True,
                       lower_order_final_below: int | None = 10,
                       denoise_to_zero: bool = False,
-                      multistep3_like_reference: bool = False) -> tuple[jax.Array, int]:
+                      multistep3_like_reference: bool = False,
+                      clip_denoised: bool = False) -> tuple[jax.Array, int]:
   """(samples at t_end, nfe) of DPM-Solver (predictor "noise") or DPM-Solver++ ("data").
 
   `noise` is x at t_start. `steps` model calls (plus one if `denoise_to_zero`). As in the
@@ -430,7 +431,13 @@ def sample_dpm_solver(model_fn: ModelFn, noise: jax.Array, schedule: DiscreteVPS
   `lower_order_final_below` (10); None applies it always. `multistep3_like_reference=True` uses
   the reference code's second-difference coefficient in the 3rd-order multistep update (half
   the Taylor term, so 3M is then only second order); the default is the exact Taylor term.
+  `clip_denoised` (DPM-Solver++ only) clips each data prediction to [-1, 1], the static
+  thresholding of DPM-Solver++ §5 and ADM's clip_denoised: near t = 1 on the cosine schedule
+  x_0 = (x_t - σ_t ε)/α_t multiplies the network's ε error by 1/α_t (up to ~2e4).
   """
+  if clip_denoised and predictor != "data":
+    raise ValueError("clip_denoised needs the data predictor (DPM-Solver++); DPM-Solver "
+                     "predicts noise.")
   tab = dpm_solver_tableau(schedule, steps, order=order, method=method, skip_type=skip_type,
                            predictor=predictor, t_start=t_start, t_end=t_end,
                            lower_order_final=lower_order_final,
@@ -457,6 +464,8 @@ def sample_dpm_solver(model_fn: ModelFn, noise: jax.Array, schedule: DiscreteVPS
     eps = model_fn(z, jnp.full((batch,), row["tau"]))[..., :channels].astype(dtype)
     # DPM-Solver++ works with the data prediction x_0 = (x_t - σ_t ε)/α_t (its Eq. 8).
     m = (z - row["sigma"] * eps) / row["alpha"] if data else eps
+    if clip_denoised:
+      m = jnp.clip(m, -1.0, 1.0)
     buf = jax.lax.dynamic_update_index_in_dim(buf, m, row["slot"], axis=0)
     return (combine(row["out_a"], row["out_b"], x, buf), buf), None
 

@@ -53,6 +53,8 @@ def sampler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return opts
   if s.method == "ddim":
     return dict(eta=s.eta, clip_denoised=s.clip_denoised)
+  if s.method == "dpm_solver++":
+    return dict(clip_denoised=s.clip_denoised)
   if s.method == "consistency":
     cm = config.consistency
     return dict(timesteps=tuple(s.cm_timesteps) or None, sigma_data=cm.sigma_data,

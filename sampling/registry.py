@@ -17,7 +17,8 @@ Options and defaults per method (anything else is a ValueError):
  * dpm_solver:   order=3, solver="singlestep" (DPM-Solver-fast), skip_type="logSNR", ...
  * dpm_solver++: order=2, solver="multistep" (the paper's DPM-Solver++ 2M), skip_type="logSNR",
   t_start=1.0, t_end=None (1/N), lower_order_final=True, lower_order_final_below=10,
-  denoise_to_zero=False, truncate_cosine_like_reference=False, multistep3_like_reference=False.
+  denoise_to_zero=False, truncate_cosine_like_reference=False, multistep3_like_reference=False,
+  clip_denoised=False (True clips every x_0 prediction to [-1, 1]; dpm_solver++ only).
  * consistency:  timesteps=None, sigma_data=0.5, timestep_scale=10.0, clip_x0=True (must match
   the values the model was trained with: config.consistency).
 """
@@ -47,7 +48,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "ancestral_es": dict(_ANCESTRAL, eps_scale=1.017, eps_scale_slope=0.0),
     "ddim": dict(eta=0.0, clip_denoised=True, spacing="ddim"),
     "dpm_solver": dict(_DPM, order=3, solver="singlestep"),
-    "dpm_solver++": dict(_DPM, order=2, solver="multistep"),
+    "dpm_solver++": dict(_DPM, order=2, solver="multistep", clip_denoised=False),
     "consistency": dict(timesteps=None, sigma_data=0.5, timestep_scale=10.0, clip_x0=True),
 }
 
@@ -120,7 +121,8 @@ def make_sampler(method: str, nfe: int, diffusion_schedule: str, num_timesteps: 
                   lower_order_final=opts["lower_order_final"],
                   lower_order_final_below=opts["lower_order_final_below"],
                   denoise_to_zero=opts["denoise_to_zero"],
-                  multistep3_like_reference=opts["multistep3_like_reference"])
+                  multistep3_like_reference=opts["multistep3_like_reference"],
+                  clip_denoised=opts.get("clip_denoised", False))
 
     def sample(model_fn: ModelFn, noise: jax.Array, keys: jax.Array | None = None) -> jax.Array:
       del keys  # deterministic ODE solver

@@ -11,3 +11,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "adv_diffusion_test_jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory) -> str:
+  """Workdir of the tiny digits config trained for 2 steps (one checkpoint, at step 2), shared
+  by every module that needs a trained run: read it, or copy it before writing into it."""
+  from tests import run_utils
+
+  workdir = str(tmp_path_factory.mktemp("trained_tiny") / "run")
+  run_utils.run_main(workdir, "--config.train.num_steps=2",
+                     "--config.train.async_checkpointing=False")
+  return workdir

@@ -1,6 +1,7 @@
 """Helpers for tests that run `main.py` in a subprocess and read the checkpoints it leaves."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -33,6 +34,18 @@ def run_main(workdir: str, *overrides: str, num_devices: int = 1, config: str = 
   if check and result.returncode != 0:
     raise AssertionError(f"main.py failed ({result.returncode}):\n{result.stderr[-4000:]}")
   return result
+
+
+def copy_as_stopped_at(source: str, destination: str, step: int) -> None:
+  """A copy of the run in `source` as it was when checkpoint `step` had just been written: later
+  checkpoints and the completion marker are removed (the run then resumes from `step`)."""
+  shutil.copytree(source, destination)
+  directory = os.path.join(destination, "checkpoints")
+  later = [d for d in os.listdir(directory) if d.isdigit() and int(d) > step]
+  assert str(step) in os.listdir(directory) and later, os.listdir(directory)
+  for name in later:
+    shutil.rmtree(os.path.join(directory, name))
+  os.remove(os.path.join(destination, "train_done.json"))
 
 
 def read_checkpoint(workdir: str, step: int | None = None) -> dict:

@@ -383,8 +383,8 @@ def test_at_runs_equal_on_one_and_eight_devices_and_resume_exactly(tmp_path):
   run_utils.run_main(str(tmp_path / "one"), *AT_OVERRIDES, "--config.train.num_steps=4")
   run_utils.run_main(str(tmp_path / "eight"), *AT_OVERRIDES, "--config.train.num_steps=4",
                      num_devices=8)
-  # Stop at 2, then resume to 4 in a new process: δ comes back from the checkpoint.
-  run_utils.run_main(str(tmp_path / "resumed"), *AT_OVERRIDES, "--config.train.num_steps=2")
+  # As if stopped after checkpoint 2; resumed to 4 in a new process: δ comes back from it.
+  run_utils.copy_as_stopped_at(str(tmp_path / "one"), str(tmp_path / "resumed"), 2)
   run_utils.run_main(str(tmp_path / "resumed"), *AT_OVERRIDES, "--config.train.num_steps=4")
   one = run_utils.read_checkpoint(str(tmp_path / "one"), 4)
   eight = run_utils.read_checkpoint(str(tmp_path / "eight"), 4)

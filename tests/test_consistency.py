@@ -215,15 +215,17 @@ def test_missing_teacher_is_one_sentence(tmp_path):
                                       "`python main.py --x`")
 
 
-def test_cd_at_runs_equal_on_one_and_eight_devices_resume_exactly_and_sample(tmp_path):
-  teacher = str(tmp_path / "teacher")
-  run_utils.run_main(teacher, "--config.train.num_steps=2",
-                     "--config.train.async_checkpointing=False")
+def test_cd_at_runs_equal_on_one_and_eight_devices_resume_exactly_and_sample(tmp_path,
+                                                                           trained_tiny):
+  teacher = trained_tiny
   cd = (*CD_AT, f"--config.consistency.teacher={teacher}")
-  run_utils.run_main(str(tmp_path / "one"), *cd, "--config.train.num_steps=4")
+  run_utils.run_main(str(tmp_path / "one"), *cd, "--config.train.num_steps=4",
+                     "--config.train.checkpoint_every=2")
   run_utils.run_main(str(tmp_path / "eight"), *cd, "--config.train.num_steps=4", num_devices=8)
-  run_utils.run_main(str(tmp_path / "resumed"), *cd, "--config.train.num_steps=2")
-  run_utils.run_main(str(tmp_path / "resumed"), *cd, "--config.train.num_steps=4")
+  # As if stopped after checkpoint 2; resumed to 4 in a new process with θ⁻ from the checkpoint.
+  run_utils.copy_as_stopped_at(str(tmp_path / "one"), str(tmp_path / "resumed"), 2)
+  run_utils.run_main(str(tmp_path / "resumed"), *cd, "--config.train.num_steps=4",
+                     "--config.train.checkpoint_every=2")
   one = run_utils.read_checkpoint(str(tmp_path / "one"), 4)
   eight = run_utils.read_checkpoint(str(tmp_path / "eight"), 4)
   resumed = run_utils.read_checkpoint(str(tmp_path / "resumed"), 4)

@@ -21,11 +21,10 @@ SAMPLE = ("--mode=sample", "--config.sampling.method=ddim", "--config.sampling.n
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> str:
-  """A workdir with the tiny digits model trained for 2 steps (checkpoint at step 2)."""
-  workdir = str(tmp_path_factory.mktemp("trained"))
-  run_utils.run_main(workdir, "--config.train.num_steps=2",
-                     "--config.train.async_checkpointing=False")
+def trained(trained_tiny, tmp_path_factory) -> str:
+  """A copy of the tiny digits model trained for 2 steps (checkpoint at step 2)."""
+  workdir = str(tmp_path_factory.mktemp("trained") / "run")
+  shutil.copytree(trained_tiny, workdir)
   return workdir
 
 

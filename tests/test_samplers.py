@@ -185,6 +185,24 @@ def test_ddim_equals_dpm_solver_1_on_the_same_grid(schedule, x64, predictor):
   assert max_err(ddim, dpm) <= 1e-5
 
 
+
+def test_clipped_dpm_solver_pp_1_equals_clipped_ddim():
+  # A model whose ε is 10 % off: near t = T its x_0 = (x_t − σ_t·ε)/α_t lands far outside
+  # [−1, 1], so clipping acts; DDIM's clip_denoised (guided-diffusion parity) is the reference.
+  with jax.enable_x64(True):
+    g = Gaussian("cosine", jnp.float64)
+    x = jnp.asarray(g.x_t, jnp.float64)
+    model_fn = lambda x, tau: 1.1 * g.model_fn(x, tau)  # noqa: E731
+    d = diffusion_from_timesteps("cosine", T, list(range(0, T, 111)))
+    ddim = sample_ddim(model_fn, x, d, clip_denoised=True)[0]
+    dpm = {clip: sample_dpm_solver(model_fn, x, DiscreteVPSchedule.create("cosine", T), 9,
+                                   order=1, skip_type="time_uniform", predictor="data",
+                                   denoise_to_zero=True, clip_denoised=clip)[0]
+           for clip in (False, True)}
+  assert max_err(ddim, dpm[True]) <= 1e-9
+  assert float(jnp.max(jnp.abs(dpm[False]))) > 10.0  # unclipped: the 1/α_t blow-up
+  assert float(jnp.max(jnp.abs(dpm[True]))) <= 1.0
+
 def test_ancestral_reproduces_data_mean_and_variance():
   # Exact ε, fixed (β_t) variance, 250 respaced steps, n = 4096 samples x 8 dims. Tolerances:
   # each mean within 4 standard errors s/sqrt(n); each std within 5 % (its standard error is

@@ -4,6 +4,7 @@ fills its budget grid the same way."""
 
 import csv
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -15,12 +16,11 @@ from tests import run_utils
 
 
 @pytest.fixture(scope="module")
-def table_args(tmp_path_factory):
+def table_args(trained_tiny, tmp_path_factory):
   weights, _ = convert_inception.convert(
       None, str(tmp_path_factory.mktemp("w") / "inception.npz"))
-  trained = str(tmp_path_factory.mktemp("adm"))
-  run_utils.run_main(trained, "--config.train.num_steps=2",
-                     "--config.train.async_checkpointing=False")
+  trained = str(tmp_path_factory.mktemp("adm") / "run")
+  shutil.copytree(trained_tiny, trained)
   return ("--mode=table", f"--config.table.runs=ADM={trained}",
           "--config.table.methods=('ddim','dpm_solver++')", "--config.table.nfes=(2,10)",
           "--config.table.num_samples=8", "--config.sampling.batch_size=8",
