@@ -7,9 +7,9 @@ Stages, each a resumable run in its own sub-directory of the workdir:
   3. `control/` the equal-budget clean continuation from the same checkpoint: the same
                 optimizer, schedule and EMA, adversarial training off, and as many optimizer
                 updates as AT makes (K per minibatch for "fast" AT, 1 for "pgd");
-  4. `table/`   samples of the AT and control runs for `story.methods` × `story.nfes`, FID (and the other
-                metrics) against the reference statistics, markdown + CSV + FID-vs-NFE plot,
-                through `--mode=table` (resumable cell by cell).
+  4. `table/`   samples of the AT and control runs for `story.methods` × `story.nfes`, FID
+                (and the other metrics) against the reference statistics, markdown + CSV +
+                FID-vs-NFE plot, through `--mode=table` (resumable cell by cell).
 A killed story resumes at the stage (and step, or cell) where it stopped.
 """
 

@@ -4,7 +4,8 @@
 
 Clean ADM training, AT fine-tuning from it as the paper does (PAPER.md §4) and an equal-budget
 clean continuation as the control, then samples, FID against the embedded reference and the
-table, plot and sample grids (adv_diffusion/story.py). About 15 minutes on 2 CPU cores.
+table, plot and sample grids (adv_diffusion/story.py). About 10 minutes on 2 CPU cores (597 s
+measured, README "What the main job does").
 
 The AT fine-tune alone, from an existing clean run (README, "Adversarial training"):
   python main.py --config=configs/digits_at.py --config.story.enabled=False \
