@@ -12,27 +12,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from modes import MODES, runner  # noqa: E402
+
 FLAGS = flags.FLAGS
 COMPILATION_CACHE = "~/.cache/adv_diffusion/xla"
 config_flags.DEFINE_config_file("config", None, "Path to a configs/<name>.py file.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-flags.DEFINE_enum("mode", "train",
-                 ["train", "sample", "fid_stats", "eval", "table", "robustness", "import_torch",
-                  "export_torch"],
-                 "What to run: train; sample (config.sampling from the workdir's checkpoint); "
-                 "fid_stats (reference statistics of config.data); eval (FID of a sample set); "
-                 "table (config.table's grid of runs × samplers × NFE: FID table and plot); "
-                 "robustness (FID against the budget of trajectory perturbations, "
-                 "config.robustness); "
-                 "import_torch / export_torch (guided-diffusion .pt files <-> the workdir).")
-flags.DEFINE_string("torch_checkpoint", None,
-                    "import_torch: guided-diffusion model file, e.g. model250000.pt.")
-flags.DEFINE_list("torch_ema", [], "import_torch: EMA files, one per config.train.ema_rates in "
-                  "order, e.g. ema_0.9999_250000.pt; none = EMAs start as the model weights.")
-flags.DEFINE_integer("torch_step", -1, "import_torch: checkpoint step to write (-1 = the number "
-                     "in the model file name, else 0); export_torch: step to export (-1 = latest).")
-flags.DEFINE_string("torch_out", None, "export_torch: output directory (default WORKDIR/torch).")
+flags.DEFINE_enum("mode", None, list(MODES),
+                 "What to run (default: config.mode): train; story (clean run → AT fine-tune and "
+                 "an equal-budget clean control → table, config.story); sample (config.sampling "
+                 "from the workdir's checkpoint); fid_stats (reference statistics of "
+                 "config.data); eval (FID of a sample set); table (config.table's grid of runs × "
+                 "samplers × NFE); robustness (FID against the budget of trajectory "
+                 "perturbations, config.robustness); import_torch / export_torch "
+                 "(guided-diffusion .pt files <-> the workdir, config.torch_io).")
 flags.DEFINE_string("coordinator_address", None,
                     "Multi-host: host:port of process 0's coordinator (or JAX_COORDINATOR_ADDRESS).")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (or JAX_NUM_PROCESSES).")
@@ -70,8 +64,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   logging.get_absl_logger().addFilter(_quiet_library_logs)
-  from adv_diffusion import distributed
-  from adv_diffusion.errors import UserFacingError
+  from modes import distributed
+  from modes.errors import UserFacingError
   try:
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                            auto=FLAGS.multihost)
@@ -84,7 +78,6 @@ def main(argv):
   # minute); JAX_COMPILATION_CACHE_DIR, when set, wins.
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(COMPILATION_CACHE))
-  from adv_diffusion import train
   from evaluation.errors import EvaluationError
 
   try:
@@ -97,33 +90,15 @@ def main(argv):
     sys.exit(1)
   logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
                jax.process_count(), jax.devices())
+  mode = FLAGS.mode or config.get("mode", "train")
+  if mode not in MODES:
+    print(f"Error: config.mode = {mode!r} is not a mode; use one of {', '.join(MODES)}.",
+          file=sys.stderr)
+    sys.exit(1)
   try:
-    if FLAGS.mode == "train" and config.story.enabled:
-      from adv_diffusion import story
-      story.run_story(config, FLAGS.workdir)
-    elif FLAGS.mode == "train":
-      train.train_and_evaluate(config, FLAGS.workdir)
-    elif FLAGS.mode == "sample":
-      from sampling import generate
-      generate.generate_from_config(config, FLAGS.workdir)
-    elif FLAGS.mode in ("fid_stats", "eval"):
-      from adv_diffusion import eval_modes
-      run = eval_modes.fid_stats if FLAGS.mode == "fid_stats" else eval_modes.evaluate_samples
-      run(config, FLAGS.workdir)
-    elif FLAGS.mode == "table":
-      from adv_diffusion import tables
-      print(f"Table: {tables.run_table(config, FLAGS.workdir)}")
-    elif FLAGS.mode == "robustness":
-      from adv_diffusion import robustness_table
-      print(f"Robustness table: {robustness_table.run_robustness(config, FLAGS.workdir)}")
-    elif FLAGS.mode == "import_torch":
-      from adv_diffusion import torch_io
-      torch_io.import_torch_checkpoint(config, FLAGS.workdir, FLAGS.torch_checkpoint,
-                                       FLAGS.torch_ema, FLAGS.torch_step)
-    elif FLAGS.mode == "export_torch":
-      from adv_diffusion import torch_io
-      torch_io.export_torch_checkpoint(config, FLAGS.workdir, FLAGS.torch_out or "",
-                                       FLAGS.torch_step)
+    output = runner(mode)(config, FLAGS.workdir)
+    if output:
+      print(f"{mode}: {output}")
     distributed.shutdown()
   except (UserFacingError, EvaluationError) as exc:
     print(f"Error: {exc}", file=sys.stderr)

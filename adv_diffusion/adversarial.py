@@ -4,22 +4,23 @@
 has radius sqrt(d)·r with d = H·W·C (r = `radius`, a per-pixel scale), the ℓ∞ ball radius r.
 """
 
+from typing import Any, Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adv_diffusion.diffusion import per_example
+
+MODES = ("none", "fast", "pgd")
 NORMS = ("l2", "linf")
 INITS = ("zero", "random", "carry")
 RADIUS_SCHEDULES = ("constant", "ddim_gap")
 
 
-def _per_example_norm(x: jax.Array) -> jax.Array:
+def per_example_norm(x: jax.Array) -> jax.Array:
   """ℓ2 norm of each example, shape (B,)."""
   return jnp.sqrt(jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim))))
-
-
-def _expand(v: jax.Array, like: jax.Array) -> jax.Array:
-  return jnp.reshape(v, v.shape + (1,) * (like.ndim - v.ndim))
 
 
 def num_dims(x: jax.Array) -> int:
@@ -30,21 +31,21 @@ def num_dims(x: jax.Array) -> int:
 def l2_normalize(g: jax.Array) -> jax.Array:
   """g_i / ‖g_i‖₂ per example; an all-zero g_i stays zero (ADM's zero-initialised output layers
   give ∂L/∂δ = 0 at initialisation, PAPER.md §4)."""
-  norm = _per_example_norm(g)
-  return g / _expand(jnp.where(norm > 0, norm, 1.0), g)
+  norm = per_example_norm(g)
+  return g / per_example(jnp.where(norm > 0, norm, 1.0), g)
 
 
 def project_l2(delta: jax.Array, radius: jax.Array) -> jax.Array:
   """Projects each δ_i onto the ℓ2 ball of radius sqrt(d)·radius_i (radius: scalar or (B,))."""
   bound = jnp.sqrt(float(num_dims(delta))) * jnp.broadcast_to(radius, delta.shape[:1])
-  norm = _per_example_norm(delta)
+  norm = per_example_norm(delta)
   scale = jnp.where(norm > bound, bound / jnp.where(norm > 0, norm, 1.0), 1.0)
-  return delta * _expand(scale, delta)
+  return delta * per_example(scale, delta)
 
 
 def project_linf(delta: jax.Array, radius: jax.Array) -> jax.Array:
   """Clips every pixel of δ_i to [−radius_i, radius_i]."""
-  bound = _expand(jnp.broadcast_to(radius, delta.shape[:1]), delta)
+  bound = per_example(jnp.broadcast_to(radius, delta.shape[:1]), delta)
   return jnp.clip(delta, -bound, bound)
 
 
@@ -117,3 +118,66 @@ def example_radius(alphas_cumprod: np.ndarray, t: jax.Array, rho: float, schedul
   if schedule == "ddim_gap":
     return ddim_gap_radius(alphas_cumprod, t, rho, grid_steps)
   raise ValueError(f"unknown radius schedule {schedule!r}; use one of {RADIUS_SCHEDULES}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The two δ searches of the paper's training (PAPER.md §4), as loops over replays / ascent steps
+# ---------------------------------------------------------------------------------------------
+
+
+class Replay(NamedTuple):
+  """What one forward/backward of a δ search saw (stacked over replays or ascent steps)."""
+
+  loss: jax.Array  # the minibatch loss at δ
+  terms: Any  # the loss function's per-example terms
+  grads: Any  # ∂L/∂θ at δ (None for PGD's ascent steps, which take no θ-gradient)
+  grad_delta: jax.Array  # ∂L/∂δ at δ
+  delta: jax.Array  # the δ this pass was taken at
+
+
+# loss_and_grads(state, δ, dropout_key) -> ((loss, terms), (∂L/∂θ, ∂L/∂δ)), one forward/backward.
+LossAndGrads = Callable[[Any, jax.Array, jax.Array], tuple[tuple[jax.Array, Any], tuple[Any, jax.Array]]]
+# update(state, ∂L/∂θ, terms) -> state after one optimizer (+ EMA, timestep history) update.
+Update = Callable[[Any, Any, Any], Any]
+
+
+def free_at_replays(state: Any, delta0: jax.Array, dropout_keys: jax.Array, *,
+                    loss_and_grads: LossAndGrads, update: Update, step_size: float,
+                    radius: jax.Array, norm: str) -> tuple[Any, jax.Array, Replay]:
+  """The authors' efficient AT (Free-AT, PAPER.md §4): K = len(dropout_keys) replays of one
+  minibatch. Replay r takes ∂L/∂θ and ∂L/∂δ in ONE forward/backward at the current δ_r, updates θ
+  with the first and then ascends δ_{r+1} = Π(δ_r + η·g_δ/‖g_δ‖) with the second.
+
+  Returns the state after K updates, δ_{K+1} (carried to the next minibatch by init "carry") and
+  the replays stacked. Unrolled: a rolled loop compiles its body apart and rounds differently, and
+  a single replay must equal the clean step bit for bit; K is small (3 in the paper).
+  """
+
+  def replay(carry, dropout_key):
+    state, delta = carry
+    (loss, terms), (grads, grad_delta) = loss_and_grads(state, delta, dropout_key)
+    state = update(state, grads, terms)
+    next_delta = ascent_step(delta, grad_delta, step_size, radius, norm)
+    return (state, next_delta), Replay(loss, terms, grads, grad_delta, delta)
+
+  (state, next_delta), replays = jax.lax.scan(replay, (state, delta0), dropout_keys, unroll=True)
+  return state, next_delta, replays
+
+
+# delta_loss_and_grad(δ, dropout_key) -> (loss, ∂L/∂δ) with θ fixed.
+DeltaLossAndGrad = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def pgd_search(delta0: jax.Array, dropout_keys: jax.Array, *,
+               delta_loss_and_grad: DeltaLossAndGrad, step_size: float, radius: jax.Array,
+               norm: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """PGD-k (Madry et al. 2018; PAPER.md §4): k = len(dropout_keys) projected ascent steps
+  δ_{j+1} = Π(δ_j + η·g_δ/‖g_δ‖) with θ fixed. Returns the final δ_k (the θ-update is taken there)
+  and the losses and ∂L/∂δ of the k steps."""
+
+  def ascend(delta, dropout_key):
+    loss, grad_delta = delta_loss_and_grad(delta, dropout_key)
+    return ascent_step(delta, grad_delta, step_size, radius, norm), (loss, grad_delta)
+
+  delta, (losses, grad_deltas) = jax.lax.scan(ascend, delta0, dropout_keys)
+  return delta, losses, grad_deltas

@@ -12,22 +12,60 @@ target): the target comes from the clean trajectory, its x_0 is unchanged (PAPER
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from adv_diffusion.errors import CheckpointError, ConfigError
+from adv_diffusion.diffusion import ddim_update, q_sample_at, x0_coefficients, x0_from_eps
 from adv_diffusion.losses import ApplyFn, MinibatchInputs
-from sampling.consistency import consistency_function, predict_x0
+from adv_diffusion.settings import ConsistencySettings
 
 MODES = ("none", "distill", "train")
 DISTANCES = ("l2", "pseudo_huber", "lpips")
 TARGET_EMA_SCHEDULES = ("constant", "linear")
+
+
+# ---------------------------------------------------------------------------------------------
+# The parameterisation f(x, t) = c_skip(t)·x + c_out(t)·x̂_0(x, t)
+# ---------------------------------------------------------------------------------------------
+# LCM's boundary scalings (Luo et al. 2023) with t the integer timestep of the original grid,
+# σ_d = `sigma_data` and s = `timestep_scale`: c_skip(t) = σ_d² / ((s·t)² + σ_d²),
+# c_out(t) = s·t / sqrt((s·t)² + σ_d²). At t = 0, c_skip = 1 and c_out = 0 exactly, so
+# f(x, 0) = x for any network.
+
+
+def boundary_scalings(t: jax.Array, sigma_data: float, timestep_scale: float
+                      ) -> tuple[jax.Array, jax.Array]:
+  """(c_skip(t), c_out(t)) of LCM, each shaped like `t`; (1, 0) at t = 0."""
+  scaled = timestep_scale * jnp.asarray(t, jnp.float32)
+  c_skip = sigma_data ** 2 / (scaled ** 2 + sigma_data ** 2)
+  c_out = scaled / jnp.sqrt(scaled ** 2 + sigma_data ** 2)
+  return c_skip, c_out
+
+
+def predict_x0(eps: jax.Array, x: jax.Array, t: jax.Array, alphas_cumprod: jax.Array,
+               clip: bool) -> jax.Array:
+  """x̂_0 at the integer timesteps `t` per example, optionally clipped to [−1, 1] (ADM's
+  `clip_denoised`: with the cosine schedule sqrt(ᾱ_999) ≈ 5e-5 would amplify ε errors)."""
+  x0 = x0_from_eps(x, eps, *x0_coefficients(jnp.asarray(alphas_cumprod, jnp.float32)[t]))
+  return jnp.clip(x0, -1.0, 1.0) if clip else x0
+
+
+def consistency_function(output: jax.Array, x: jax.Array, t: jax.Array,
+                         alphas_cumprod: jax.Array, *, sigma_data: float = 0.5,
+                         timestep_scale: float = 10.0, clip_x0: bool = True) -> jax.Array:
+  """f(x, t) from the raw network output (ε in its first C channels; learned σ ignored)."""
+  eps = output[..., :x.shape[-1]].astype(jnp.float32)
+  c_skip, c_out = boundary_scalings(t, sigma_data, timestep_scale)
+  x0 = predict_x0(eps, x, t, alphas_cumprod, clip_x0)
+  return c_skip[:, None, None, None] * x + c_out[:, None, None, None] * x0
+
+
+# ---------------------------------------------------------------------------------------------
+# The CD / CT loss
+# ---------------------------------------------------------------------------------------------
 
 
 def time_grid(num_scales: int, num_timesteps: int) -> np.ndarray:
@@ -42,9 +80,9 @@ def ddim_step(eps: jax.Array, x: jax.Array, t: jax.Array, s: jax.Array,
               alphas_cumprod: jax.Array) -> jax.Array:
   """Deterministic DDIM step (η = 0) from x_t to x_s with noise prediction `eps`:
   x_s = sqrt(ᾱ_s)·x̂_0 + sqrt(1 − ᾱ_s)·ε (Song et al. 2021, Eq. 12), x̂_0 unclipped."""
-  a_s = jnp.asarray(alphas_cumprod, jnp.float32)[s][:, None, None, None]
+  a_s = jnp.asarray(alphas_cumprod, jnp.float32)[s]
   x0 = predict_x0(eps, x, t, alphas_cumprod, clip=False)
-  return jnp.sqrt(a_s) * x0 + jnp.sqrt(1.0 - a_s) * eps
+  return ddim_update(x0, eps, a_s)
 
 
 def distance(a: jax.Array, b: jax.Array, kind: str, lpips_params: Any = None,
@@ -68,7 +106,7 @@ def distance(a: jax.Array, b: jax.Array, kind: str, lpips_params: Any = None,
   raise ValueError(f"unknown distance {kind!r}; use one of {DISTANCES}")
 
 
-def target_ema_rate(cm: ml_collections.ConfigDict, num_updates: jax.Array) -> jax.Array:
+def target_ema_rate(cm: ConsistencySettings, num_updates: jax.Array) -> jax.Array:
   """μ of θ⁻ ← μ·θ⁻ + (1 − μ)·θ after optimizer update `num_updates` (constant, or a linear
   ramp from `target_ema_start` to `target_ema` over `target_ema_ramp_updates`)."""
   if cm.target_ema_schedule == "constant" or cm.target_ema_ramp_updates == 0:
@@ -79,7 +117,7 @@ def target_ema_rate(cm: ml_collections.ConfigDict, num_updates: jax.Array) -> ja
 
 def consistency_inputs(x_start: jax.Array, labels: jax.Array | None, key: jax.Array, *,
                        target_params: Any, teacher_params: Any, eval_fn: Callable,
-                       alphas_cumprod: np.ndarray, cm: ml_collections.ConfigDict
+                       alphas_cumprod: np.ndarray, cm: ConsistencySettings
                        ) -> MinibatchInputs:
   """Draws (n, ε) once for the minibatch and computes x_{t_{n+k}} and the stop-gradient target.
 
@@ -95,8 +133,7 @@ def consistency_inputs(x_start: jax.Array, labels: jax.Array | None, key: jax.Ar
   noise = jax.random.normal(k_noise, x_start.shape, jnp.float32)
 
   def q_sample(t):
-    a = ac[t][:, None, None, None]
-    return jnp.sqrt(a) * x_start + jnp.sqrt(1.0 - a) * noise
+    return q_sample_at(x_start, noise, jnp.sqrt(ac[t]), jnp.sqrt(1.0 - ac[t]))
 
   x_hi = q_sample(t_hi)
   if teacher_params is None:  # consistency training
@@ -114,7 +151,7 @@ def consistency_inputs(x_start: jax.Array, labels: jax.Array | None, key: jax.Ar
 
 def consistency_loss(params: Any, delta: jax.Array | None, inputs: MinibatchInputs,
                      dropout_key: jax.Array, *, apply_fn: ApplyFn, alphas_cumprod: np.ndarray,
-                     cm: ml_collections.ConfigDict, lpips_params: Any = None
+                     cm: ConsistencySettings, lpips_params: Any = None
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean over the batch of d(f_θ(x_{t_{n+k}} + δ, t_{n+k}), target) (δ = None: clean);
   `lpips_params`: the frozen LPIPS network of `cm.distance` = "lpips" (else unused)."""
@@ -126,51 +163,3 @@ def consistency_loss(params: Any, delta: jax.Array | None, inputs: MinibatchInpu
   resize = cm.lpips_resize if cm.distance == "lpips" else 0
   dist = distance(student, inputs.target, cm.distance, lpips_params, resize)
   return jnp.mean(dist * inputs.weights), {"loss": dist, "consistency_distance": dist}
-
-
-# ---------------------------------------------------------------------------------------------
-# Teacher checkpoint
-# ---------------------------------------------------------------------------------------------
-
-def teacher_ema_count(teacher_workdir: str, default: int) -> int:
-  """How many EMA averages the teacher run keeps (from its config.json; else `default`)."""
-  path = os.path.join(teacher_workdir, "config.json")
-  if not os.path.exists(path):
-    return default
-  with open(path) as f:
-    return len(json.load(f)["train"]["ema_rates"])
-
-
-def check_teacher_model(config: ml_collections.ConfigDict) -> None:
-  """One sentence when the teacher run's network settings differ from this config's."""
-  path = os.path.join(config.consistency.teacher, "config.json")
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    teacher_model = json.load(f)["model"]
-  ours = json.loads(config.model.to_json_best_effort())
-  differ = sorted(k for k in ours if k in teacher_model and teacher_model[k] != ours[k]
-                  and k not in ("dropout", "compute_dtype", "remat"))
-  if differ:
-    raise ConfigError(f"config.model differs from the teacher run {config.consistency.teacher} "
-                      f"in {differ}; a consistency student starts from its teacher and must use "
-                      "the same network settings.")
-
-
-def load_teacher(config: ml_collections.ConfigDict, params_like: Any
-                 ) -> tuple[Any, int]:
-  """The frozen teacher weights (EMA `teacher_ema_index` or raw) and the teacher's step."""
-  from adv_diffusion import checkpoint as ckpt_lib
-
-  cm = config.consistency
-  count = teacher_ema_count(cm.teacher, len(config.train.ema_rates))
-  target = {"params": params_like, "ema_params": tuple(params_like for _ in range(count))}
-  model, step = ckpt_lib.load_model_weights(cm.teacher, cm.teacher_step, target,
-                                            cm.teacher_command)
-  if not cm.teacher_use_ema:
-    return model["params"], step
-  if cm.teacher_ema_index >= count:
-    raise CheckpointError(f"config.consistency.teacher_ema_index = {cm.teacher_ema_index} but "
-                          f"the teacher run keeps {count} EMA average(s); use an index below "
-                          f"{count}.")
-  return model["ema_params"][cm.teacher_ema_index], step

@@ -1,7 +1,7 @@
-"""Gaussian diffusion process, losses and timestep samplers in JAX (NHWC).
+"""Gaussian diffusion process and its losses in JAX (NHWC).
 
 A float-precision re-implementation of the maths in OpenAI's ``guided_diffusion``
-(``gaussian_diffusion.py``, ``respace.py``, ``resample.py``, ``losses.py``) for an
+(``gaussian_diffusion.py``, ``respace.py``, ``losses.py``) for an
 epsilon-predicting network whose variance is either learned (ADM ``LEARNED_RANGE``)
 or fixed (ADM ``FIXED_LARGE``).
 
@@ -26,10 +26,9 @@ Conventions:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,22 +36,16 @@ import numpy as np
 
 __all__ = [
     "GaussianDiffusion",
-    "LossAwareSamplerState",
     "approx_standard_normal_cdf",
     "discretized_gaussian_log_likelihood",
     "get_named_beta_schedule",
-    "init_loss_sampler_state",
     "mean_flat",
     "normal_kl",
-    "sample_timesteps",
-    "sampler_weights",
     "space_timesteps",
-    "update_loss_sampler_state",
 ]
 
 BETA_SCHEDULES = ("linear", "cosine")
 LOSS_TYPES = ("mse", "rescaled_mse")
-SAMPLER_KINDS = ("uniform", "loss-second-moment")
 
 _LN2 = math.log(2.0)  # python float: stays a weak type, so float32 maths stays float32
 
@@ -163,6 +156,56 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
   if not kept:
     raise ValueError(f"Bad respacing {section_counts!r}: it keeps no timesteps at all.")
   return sorted(set(kept))
+
+
+# ----------------------------------------------------------------------------------------
+# Pure formulas of the VP process, shared by the losses, the samplers and the attacks
+# ----------------------------------------------------------------------------------------
+# α_t = sqrt(ᾱ_t) and σ_t = sqrt(1 − ᾱ_t). Coefficients are per-example arrays of shape (B,) (or
+# scalars); `per_example` broadcasts them against NHWC images. x̂_0 and ε are written with ADM's
+# coefficients 1/α_t = sqrt(1/ᾱ_t) and σ_t/α_t = sqrt(1/ᾱ_t − 1) (`x0_coefficients`), so that
+# GaussianDiffusion can pass its float64-derived tables and match guided_diffusion bit for bit.
+
+
+def per_example(v: Any, like: jnp.ndarray) -> jnp.ndarray:
+  """`v` of shape (B,) (or a scalar) with singleton axes appended to broadcast against `like`."""
+  v = jnp.asarray(v)
+  return v.reshape(v.shape + (1,) * (jnp.ndim(like) - v.ndim))
+
+
+def q_sample_at(x_start: jnp.ndarray, noise: jnp.ndarray, alpha: Any, sigma: Any
+                ) -> jnp.ndarray:
+  """x_t = α_t·x_0 + σ_t·ε (IDDPM Eq. 9/10; DDPM Eq. 4)."""
+  return per_example(alpha, x_start) * x_start + per_example(sigma, x_start) * noise
+
+
+def x0_coefficients(alpha_bar: Any) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """(1/α_t, σ_t/α_t) = (sqrt(1/ᾱ_t), sqrt(1/ᾱ_t − 1)) of `alpha_bar` (any shape)."""
+  alpha_bar = jnp.asarray(alpha_bar)
+  return jnp.sqrt(1.0 / alpha_bar), jnp.sqrt(1.0 / alpha_bar - 1.0)
+
+
+def x0_from_eps(x_t: jnp.ndarray, eps: jnp.ndarray, recip_alpha: Any, sigma_over_alpha: Any
+                ) -> jnp.ndarray:
+  """x̂_0 = x_t/α_t − (σ_t/α_t)·ε = (x_t − σ_t·ε)/α_t: IDDPM Eq. 10 solved for x_0 (DPM-Solver++'s
+  data prediction, its Eq. 8)."""
+  return per_example(recip_alpha, x_t) * x_t - per_example(sigma_over_alpha, x_t) * eps
+
+
+def eps_from_x0(x_t: jnp.ndarray, x0: jnp.ndarray, recip_alpha: Any, sigma_over_alpha: Any
+                ) -> jnp.ndarray:
+  """ε = (x_t/α_t − x̂_0) / (σ_t/α_t): IDDPM Eq. 10 solved for ε (ADM re-derives ε from a clipped
+  x̂_0)."""
+  return ((per_example(recip_alpha, x_t) * x_t - x0)
+          / per_example(sigma_over_alpha, x_t))
+
+
+def ddim_update(x0: jnp.ndarray, eps: jnp.ndarray, alpha_bar_prev: Any, sigma: Any = 0.0
+                ) -> jnp.ndarray:
+  """Mean of DDIM's step to the previous time: sqrt(ᾱ_prev)·x̂_0 + sqrt(1 − ᾱ_prev − σ²)·ε
+  (DDIM Eq. 12; σ = 0 is the deterministic step); add σ·z for η > 0."""
+  ab_prev, sig = per_example(alpha_bar_prev, x0), per_example(sigma, x0)
+  return jnp.sqrt(ab_prev) * x0 + jnp.sqrt(1.0 - ab_prev - sig ** 2) * eps
 
 
 # ----------------------------------------------------------------------------------------
@@ -312,11 +355,17 @@ class GaussianDiffusion:
     betas = get_named_beta_schedule(schedule, num_timesteps)
     if respacing is None or (isinstance(respacing, str) and respacing.strip() == ""):
       return cls(betas=betas, timestep_map=np.arange(len(betas), dtype=np.int32))
-    kept = np.asarray(space_timesteps(num_timesteps, respacing), dtype=np.int64)
+    return cls.from_timesteps(schedule, num_timesteps, space_timesteps(num_timesteps, respacing))
+
+  @classmethod
+  def from_timesteps(cls, schedule: str, num_timesteps: int, kept: Sequence[int]
+                     ) -> GaussianDiffusion:
+    """Process keeping exactly the sorted original-grid timesteps `kept` (ADM SpacedDiffusion)."""
+    kept = np.asarray(list(kept), dtype=np.int64)
+    betas = get_named_beta_schedule(schedule, num_timesteps)
     # IDDPM Eq. 19: beta_{S_i} = 1 - alpha_bar_{S_i} / alpha_bar_{S_{i-1}} (1 before S_0),
     # computed in float64 from the base process's cumulative product, as ADM.
-    base_ac = np.cumprod(1.0 - betas, axis=0)
-    ac_kept = base_ac[kept]
+    ac_kept = np.cumprod(1.0 - betas, axis=0)[kept]
     new_betas = 1.0 - ac_kept / np.append(1.0, ac_kept[:-1])
     return cls(betas=new_betas, timestep_map=kept.astype(np.int32))
 
@@ -356,12 +405,8 @@ class GaussianDiffusion:
     x_start, noise = jnp.asarray(x_start), jnp.asarray(noise)
     if noise.shape != x_start.shape:
       raise ValueError(f"noise shape {noise.shape} must equal x_start shape {x_start.shape}.")
-    nd = x_start.ndim
-    # x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
-    return (
-        self._extract("sqrt_alphas_cumprod", t, nd) * x_start
-        + self._extract("sqrt_one_minus_alphas_cumprod", t, nd) * noise
-    )
+    return q_sample_at(x_start, noise, self._extract("sqrt_alphas_cumprod", t, 1),
+                       self._extract("sqrt_one_minus_alphas_cumprod", t, 1))
 
   def q_posterior_mean_variance(
       self, x_start: jnp.ndarray, x_t: jnp.ndarray, t: Any
@@ -386,20 +431,15 @@ class GaussianDiffusion:
     x_t, eps = jnp.asarray(x_t), jnp.asarray(eps)
     if x_t.shape != eps.shape:
       raise ValueError(f"eps shape {eps.shape} must equal x_t shape {x_t.shape}.")
-    nd = x_t.ndim
-    return (
-        self._extract("sqrt_recip_alphas_cumprod", t, nd) * x_t
-        - self._extract("sqrt_recipm1_alphas_cumprod", t, nd) * eps
-    )
+    return x0_from_eps(x_t, eps, self._extract("sqrt_recip_alphas_cumprod", t, 1),
+                       self._extract("sqrt_recipm1_alphas_cumprod", t, 1))
 
   def predict_eps_from_xstart(self, x_t: jnp.ndarray, t: Any, pred_xstart: jnp.ndarray
                               ) -> jnp.ndarray:
     """Noise implied by x_t and an x_0 prediction (IDDPM Eq. 10 solved for eps)."""
     x_t, pred_xstart = jnp.asarray(x_t), jnp.asarray(pred_xstart)
-    nd = x_t.ndim
-    return (
-        self._extract("sqrt_recip_alphas_cumprod", t, nd) * x_t - pred_xstart
-    ) / self._extract("sqrt_recipm1_alphas_cumprod", t, nd)
+    return eps_from_x0(x_t, pred_xstart, self._extract("sqrt_recip_alphas_cumprod", t, 1),
+                       self._extract("sqrt_recipm1_alphas_cumprod", t, 1))
 
   # -- reverse process ---------------------------------------------------------------
 
@@ -520,105 +560,3 @@ class GaussianDiffusion:
     # IDDPM Eq. 14: L_simple = || eps - eps_theta(x_t, t) ||^2 (mean over pixels).
     mse = mean_flat((noise - eps) ** 2)
     return {"loss": mse + vb, "mse": mse, "vb": vb}
-
-
-# ----------------------------------------------------------------------------------------
-# Timestep samplers (ADM resample.py), as pure functions of a small pytree
-# ----------------------------------------------------------------------------------------
-# These are jax.jit-wrapped (``kind`` and ``batch_size`` static) because they are typically
-# called eagerly once per step outside the train step; they nest fine inside another jit.
-
-
-class LossAwareSamplerState(NamedTuple):
-  """Per-timestep loss history for the loss-second-moment sampler."""
-
-  loss_history: jnp.ndarray  # (T, history) float32, oldest first
-  loss_counts: jnp.ndarray  # (T,) int32, number of valid history entries per timestep
-
-
-def init_loss_sampler_state(num_timesteps: int, history_per_term: int = 10
-                            ) -> LossAwareSamplerState:
-  """Empty loss history (nothing seen yet) for ``num_timesteps`` steps."""
-  num_timesteps = _check_num_timesteps(num_timesteps)
-  if int(history_per_term) < 1:
-    raise ValueError(f"history_per_term must be a positive integer, got {history_per_term!r}.")
-  return LossAwareSamplerState(
-      loss_history=jnp.zeros((num_timesteps, int(history_per_term)), dtype=jnp.float32),
-      loss_counts=jnp.zeros((num_timesteps,), dtype=jnp.int32),
-  )
-
-
-def _check_kind(kind: str) -> None:
-  if kind not in SAMPLER_KINDS:
-    raise ValueError(f"Unknown sampler kind {kind!r}; allowed kinds are {list(SAMPLER_KINDS)}.")
-
-
-@functools.partial(jax.jit, static_argnames=("kind",))
-def sampler_weights(state: LossAwareSamplerState, kind: str, uniform_prob: float = 0.001
-                    ) -> jnp.ndarray:
-  """Unnormalised sampling weights (T,) float32, as ADM's Uniform / LossSecondMoment samplers."""
-  _check_kind(kind)
-  num_t, history = state.loss_history.shape
-  ones = jnp.ones((num_t,), dtype=jnp.float32)
-  if kind == "uniform":
-    return ones
-  # IDDPM Eq. 18: p_t proportional to sqrt(E[L_t^2]), mixed with a small uniform part.
-  w = jnp.sqrt(jnp.mean(state.loss_history.astype(jnp.float32) ** 2, axis=-1))
-  w = w / jnp.sum(w)
-  w = w * (1 - uniform_prob)
-  w = w + uniform_prob / num_t
-  warmed_up = jnp.all(state.loss_counts == history)  # uniform until every t has a full history
-  return jnp.where(warmed_up, w, ones)
-
-
-@functools.partial(jax.jit, static_argnames=("batch_size",))
-def _sample_from_weights(key: jax.Array, w: jnp.ndarray, batch_size: int
-                         ) -> tuple[jnp.ndarray, jnp.ndarray]:
-  num_t = w.shape[0]
-  p = w / jnp.sum(w)
-  t = jax.random.choice(key, num_t, shape=(batch_size,), replace=True, p=p).astype(jnp.int32)
-  # Unbiased importance weighting: E_{t~p}[L_t / (T p_t)] = (1/T) sum_t L_t.
-  weights = (1.0 / (num_t * p[t])).astype(jnp.float32)
-  return t, weights
-
-
-def sample_timesteps(
-    key: jax.Array,
-    state: LossAwareSamplerState,
-    batch_size: int,
-    kind: str,
-    uniform_prob: float = 0.001,
-) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """Draw t ~ w/sum(w) (int32, (B,)) and importance weights 1/(T p_t) (float32, (B,))."""
-  w = sampler_weights(state, kind, uniform_prob)
-  return _sample_from_weights(key, w, int(batch_size))
-
-
-@jax.jit
-def update_loss_sampler_state(
-    state: LossAwareSamplerState, t: jnp.ndarray, losses: jnp.ndarray
-) -> LossAwareSamplerState:
-  """Record ``losses`` at timesteps ``t`` in batch order, as ADM's ``update_with_all_losses``."""
-  t = jnp.asarray(t, dtype=jnp.int32).reshape(-1)
-  losses = jnp.asarray(losses, dtype=jnp.float32).reshape(-1)
-  if t.shape != losses.shape:
-    raise ValueError(f"t and losses must have the same length, got {t.shape} and {losses.shape}.")
-  history = state.loss_history.shape[1]
-
-  def step(carry: LossAwareSamplerState, item: tuple[jnp.ndarray, jnp.ndarray]):
-    hist, counts = carry
-    ti, li = item
-    row, count = hist[ti], counts[ti]
-    full = count == history
-    # Full: drop the oldest entry and append; otherwise fill the next free slot.
-    shifted = jnp.concatenate([row[1:], li[None]])
-    filled = row.at[jnp.minimum(count, history - 1)].set(li)
-    hist = hist.at[ti].set(jnp.where(full, shifted, filled))
-    counts = counts.at[ti].set(jnp.where(full, count, count + 1))
-    return LossAwareSamplerState(hist, counts), None
-
-  init = LossAwareSamplerState(
-      state.loss_history.astype(jnp.float32), state.loss_counts.astype(jnp.int32)
-  )
-  new_state, _ = jax.lax.scan(step, init, (t, losses))
-  return new_state

@@ -47,8 +47,8 @@ def write_json(path: str | None, payload: dict) -> None:
 
 def compiled_cifar10_step(config: ml_collections.ConfigDict) -> Callable[[], None]:
   """A closure running one jit-compiled train step of `config` on a fixed random batch."""
-  from adv_diffusion import parallel, train
-  from adv_diffusion.nets.factory import create_unet
+  from modes import parallel, train
+  from modes.factories import create_unet
 
   batch_size = config.train.batch_size
   mesh = parallel.make_mesh()

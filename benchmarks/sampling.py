@@ -11,8 +11,8 @@ import statistics
 import jax
 import jax.numpy as jnp
 
-from adv_diffusion import train
-from adv_diffusion.nets.factory import create_unet
+from modes import train
+from modes.factories import create_unet
 from benchmarks.common import machine_info, time_calls, write_json
 from configs import cifar10_adm
 from sampling.registry import make_sampler

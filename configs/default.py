@@ -2,7 +2,7 @@
 
 Experiment files (``configs/<name>.py``) start from ``get_config()`` here and override what
 they change. Any key can be overridden on the command line: ``--config.train.batch_size=64``.
-Values are checked at start-up by ``adv_diffusion.config_validation.validate_config``.
+Values are checked at start-up by ``modes.config_validation.validate_config``.
 """
 
 import ml_collections
@@ -11,6 +11,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0  # root PRNG seed; every key of the run derives from it by fold_in
+  config.mode = "train"  # what main.py runs when --mode is not given (a key of modes.MODES)
 
   # ---- data -----------------------------------------------------------------------------
   config.data = data = ml_collections.ConfigDict()
@@ -74,7 +75,6 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- the whole story in one command (adv_diffusion/story.py; configs/digits_at.py) -------
   config.story = story = ml_collections.ConfigDict()
-  story.enabled = False  # True: --mode=train runs clean → AT + equal-budget clean control → table
   story.clean_steps = 600  # minibatches of the clean stage the AT and control runs start from
   story.clean_learning_rate = 1e-3  # peak learning rate of the clean stage
   story.clean_warmup_steps = 100  # warm-up of the clean stage
@@ -119,6 +119,12 @@ def get_config() -> ml_collections.ConfigDict:
   cm.target_ema_ramp_updates = 0  # "linear": optimizer updates of the ramp
 
   # ---- optimiser (AdamW as ADM) -----------------------------------------------------------
+  config.torch_io = tio = ml_collections.ConfigDict()
+  tio.checkpoint = ""  # import_torch: guided-diffusion model file, e.g. model250000.pt
+  tio.ema = ""  # import_torch: comma-separated EMA files, one per train.ema_rates ("" = the model's)
+  tio.step = -1  # import_torch: step to write (-1 = the number in the model file name, else 0); export_torch: step to export (-1 = latest)
+  tio.out = ""  # export_torch: output directory ("" = WORKDIR/torch)
+
   config.optim = optim = ml_collections.ConfigDict()
   optim.learning_rate = 1e-4  # peak learning rate
   optim.weight_decay = 0.0  # decoupled weight decay

@@ -4,11 +4,11 @@
 
 Clean ADM training, AT fine-tuning from it as the paper does (PAPER.md §4) and an equal-budget
 clean continuation as the control, then samples, FID against the embedded reference and the
-table, plot and sample grids (adv_diffusion/story.py). About 10 minutes on 2 CPU cores (597 s
+table, plot and sample grids (modes/story.py). About 10 minutes on 2 CPU cores (597 s
 measured, README "What the main job does").
 
 The AT fine-tune alone, from an existing clean run (README, "Adversarial training"):
-  python main.py --config=configs/digits_at.py --config.story.enabled=False \
+  python main.py --config=configs/digits_at.py --mode=train \
     --config.train.init_from=runs/digits_adm --workdir=runs/digits_at_only
 """
 
@@ -22,7 +22,7 @@ def get_config():
   # A two-level UNet (compiles and steps about twice as fast as digits_adm's three levels).
   config.model.channel_mult = (1, 2)
   config.model.attention_resolutions = (8,)
-  config.story.enabled = True
+  config.mode = "story"  # the README's first command runs the whole story
   config.story.clean_steps = 400
   config.story.clean_learning_rate = clean.optim.learning_rate
   config.story.clean_warmup_steps = clean.optim.warmup_steps

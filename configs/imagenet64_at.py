@@ -5,7 +5,7 @@ The paper publishes no ImageNet-64 AT values (PAPER.md §9), so these are CIFAR-
 ε + sg[δ]/σ_t, 200K minibatch iterations from the clean run's latest checkpoint (fresh
 optimizer, EMA kept). The clean run can also be OpenAI's `64x64_diffusion.pt`, imported with
   python main.py --mode=import_torch --config=configs/imagenet64_adm.py \
-    --workdir=runs/imagenet64_adm --torch_checkpoint=64x64_diffusion.pt
+    --workdir=runs/imagenet64_adm --config.torch_io.checkpoint=64x64_diffusion.pt
 """
 
 from configs import imagenet64_adm

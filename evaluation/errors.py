@@ -1,4 +1,4 @@
-"""One exception type for the evaluation package and the image checks that raise it."""
+"""One exception type for the evaluation package and the image and feature checks that raise it."""
 
 from typing import Any
 
@@ -42,3 +42,17 @@ def validate_images(images: Any, min_count: int = 1, what: str = "images") -> np
     raise EvaluationError(f"{what} must hold at least {min_count} image"
                           f"{'s' if min_count != 1 else ''}{why}, got {n}.")
   return array
+
+
+def validate_features(features: Any, dim: int | None = None, what: str = "features") -> np.ndarray:
+  """Returns `features` as a finite float64 (rows, dims) array with `dim` dims, or raises."""
+  x = np.asarray(features)
+  if x.ndim != 2:
+    raise EvaluationError(f"{what} must be a 2-D array (rows, dims), got shape {x.shape}.")
+  if dim is not None and x.shape[1] != dim:
+    raise EvaluationError(f"{what} have {x.shape[1]} dimensions but the statistics have {dim}.")
+  x = x.astype(np.float64)
+  if not np.isfinite(x).all():
+    raise EvaluationError(f"{what} contain NaN or infinite values "
+                          f"({int((~np.isfinite(x)).sum())} of {x.size}).")
+  return x

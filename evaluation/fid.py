@@ -1,23 +1,21 @@
-"""FID statistics and scores: streaming moments, Fréchet distance, IS, precision/recall, file IO.
+"""FID statistics: streaming moments, Fréchet distance, statistics files.
 
 Everything here is a pure function of feature arrays or statistics (float64 on the host, as
-DESIGN.md asks for FID statistics); precision/recall runs its pairwise distances through jit.
+DESIGN.md asks for FID statistics). The Inception Score is in `inception_score`, precision and
+recall in `precision_recall`.
 """
 
 import dataclasses
 import datetime
-import functools
 import json
 import os
 import warnings
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from scipy import linalg
 
-from evaluation.errors import EvaluationError
+from evaluation.errors import EvaluationError, validate_features
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,19 +42,6 @@ def init_moments(dim: int) -> Moments:
   return Moments(0, np.zeros(dim, np.float64), np.zeros((dim, dim), np.float64))
 
 
-def _check_features(features: Any, dim: int | None = None, what: str = "features") -> np.ndarray:
-  x = np.asarray(features)
-  if x.ndim != 2:
-    raise EvaluationError(f"{what} must be a 2-D array (rows, dims), got shape {x.shape}.")
-  if dim is not None and x.shape[1] != dim:
-    raise EvaluationError(f"{what} have {x.shape[1]} dimensions but the statistics have {dim}.")
-  x = x.astype(np.float64)
-  if not np.isfinite(x).all():
-    raise EvaluationError(f"{what} contain NaN or infinite values "
-                          f"({int((~np.isfinite(x)).sum())} of {x.size}).")
-  return x
-
-
 def merge_moments(a: Moments, b: Moments) -> Moments:
   """Moments of the union of two row sets (Chan et al. 1979, pairwise update)."""
   if a.mean.shape != b.mean.shape:
@@ -75,7 +60,7 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
 
 def update_moments(state: Moments, features: Any) -> Moments:
   """`state` with the rows of `features` (rows, dims) added."""
-  x = _check_features(features, state.mean.shape[0])
+  x = validate_features(features, state.mean.shape[0])
   if x.shape[0] == 0:
     return state
   mean = x.mean(axis=0)
@@ -207,120 +192,6 @@ def fid_from_statistics(a: FIDStatistics, b: FIDStatistics, eps: float = 1e-6,
                         method: str = "sqrtm") -> float:
   """Fréchet distance of two statistics objects (FID on pool, sFID on spatial features)."""
   return frechet_distance(a.mu, a.sigma, b.mu, b.sigma, eps=eps, method=method)
-
-
-# ---------------------------------------------------------------------------------------------
-# Inception Score.
-# ---------------------------------------------------------------------------------------------
-
-
-def inception_score(logits: Any, splits: int = 10) -> tuple[float, float]:
-  """(mean, std) over `splits` equal splits of exp(E_x KL(p(y|x) || p(y))), from 1008-way logits.
-
-  improved-gan inception_score/model.py: softmax of the unbiased logits, split i is rows
-  [i N // splits, (i + 1) N // splits), score exp(mean_x sum_y p (log p - log mean_x p)). ADM
-  uses splits of 5000 rows, the same for 50K samples. Log-softmax in float64 here avoids log(0).
-  """
-  x = _check_features(logits, what="logits")
-  n = x.shape[0]
-  if n < splits or splits < 1:
-    raise EvaluationError(f"the Inception Score with {splits} splits needs at least {splits} "
-                          f"images, got {n}.")
-  log_p = x - _logsumexp(x, axis=1)
-  scores = []
-  for i in range(splits):
-    part = log_p[i * n // splits:(i + 1) * n // splits]
-    # log p(y) = log mean_x p(y|x), kept finite for classes no image predicts (0 * -inf = nan).
-    log_py = _logsumexp(part, axis=0) - np.log(part.shape[0])
-    scores.append(np.exp(np.mean(np.sum(np.exp(part) * (part - log_py), axis=1))))
-  return float(np.mean(scores)), float(np.std(scores))
-
-
-def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
-  top = x.max(axis=axis, keepdims=True)
-  return top + np.log(np.exp(x - top).sum(axis=axis, keepdims=True))
-
-
-# ---------------------------------------------------------------------------------------------
-# Precision and recall (Kynkäänniemi et al. 2019) as ADM's evaluator computes them.
-# ---------------------------------------------------------------------------------------------
-
-
-@jax.jit
-def _squared_distances(u: jax.Array, v: jax.Array) -> jax.Array:
-  # ADM `_batch_pairwise_distances`: max(|u|^2 - 2 u.v + |v|^2, 0). ADM first tries float16 and
-  # falls back to float32 when that overflows; float32 throughout here (HIGHEST: no TF32/bf16).
-  hp = jax.lax.Precision.HIGHEST
-  nu = jnp.sum(jnp.square(u), axis=1)[:, None]
-  nv = jnp.sum(jnp.square(v), axis=1)[None, :]
-  return jnp.maximum(nu - 2 * jnp.dot(u, v.T, precision=hp) + nv, 0.0)
-
-
-@functools.partial(jax.jit, static_argnames="k")
-def _smallest(u: jax.Array, v: jax.Array, k: int) -> jax.Array:
-  d = _squared_distances(u, v)
-  return -jax.lax.top_k(-d, min(k, d.shape[1]))[0]
-
-
-@jax.jit
-def _less_thans(u, radii_u, v, radii_v):
-  d = _squared_distances(u, v)
-  # ADM DistanceBlock.less_thans: u_i is inside some v-sphere, v_j inside some u-sphere.
-  return jnp.any(d <= radii_v[None, :], axis=1), jnp.any(d <= radii_u[:, None], axis=0)
-
-
-@dataclasses.dataclass(frozen=True)
-class ManifoldEstimator:
-  """k-NN hypersphere manifolds of feature sets (ADM evaluations/evaluator.py, k = 3).
-
-  Radii are squared distances to the k-th nearest neighbour, the point itself being the 0-th;
-  distances are computed in row x column blocks so memory stays bounded.
-  """
-  k: int = 3
-  row_batch_size: int = 10000
-  col_batch_size: int = 10000
-
-  def manifold_radii(self, features: Any) -> np.ndarray:
-    """(N,) squared k-NN radius of every row of `features`."""
-    x = _check_features(features).astype(np.float32)
-    if x.shape[0] <= self.k:
-      raise EvaluationError(f"precision/recall with k={self.k} needs more than {self.k} images "
-                            f"per set, got {x.shape[0]}.")
-    radii = []
-    for r in range(0, x.shape[0], self.row_batch_size):
-      rows = jnp.asarray(x[r:r + self.row_batch_size])
-      # k + 1 smallest per column block, then the k + 1 smallest of those candidates.
-      cands = [_smallest(rows, jnp.asarray(x[c:c + self.col_batch_size]), self.k + 1)
-               for c in range(0, x.shape[0], self.col_batch_size)]
-      merged = np.sort(np.concatenate([np.asarray(c) for c in cands], axis=1), axis=1)
-      radii.append(merged[:, self.k])
-    return np.concatenate(radii)
-
-  def evaluate_pr(self, features_1: Any, radii_1: np.ndarray, features_2: Any,
-                  radii_2: np.ndarray) -> tuple[float, float]:
-    """(precision, recall): share of set 2 inside set 1's manifold, and of set 1 in set 2's."""
-    x1 = _check_features(features_1).astype(np.float32)
-    x2 = _check_features(features_2, x1.shape[1]).astype(np.float32)
-    in_1 = np.zeros(x1.shape[0], bool)
-    in_2 = np.zeros(x2.shape[0], bool)
-    for a in range(0, x1.shape[0], self.row_batch_size):
-      for b in range(0, x2.shape[0], self.col_batch_size):
-        a_in, b_in = _less_thans(jnp.asarray(x1[a:a + self.row_batch_size]),
-                                 jnp.asarray(radii_1[a:a + self.row_batch_size], jnp.float32),
-                                 jnp.asarray(x2[b:b + self.col_batch_size]),
-                                 jnp.asarray(radii_2[b:b + self.col_batch_size], jnp.float32))
-        in_1[a:a + self.row_batch_size] |= np.asarray(a_in)
-        in_2[b:b + self.col_batch_size] |= np.asarray(b_in)
-    return float(in_2.mean()), float(in_1.mean())
-
-
-def precision_recall(reference_features: Any, sample_features: Any, k: int = 3,
-                     batch_size: int = 10000) -> tuple[float, float]:
-  """ADM's (precision, recall) of samples against a reference set of pool features."""
-  est = ManifoldEstimator(k=k, row_batch_size=batch_size, col_batch_size=batch_size)
-  ref = _check_features(reference_features, what="reference features")
-  sam = _check_features(sample_features, ref.shape[1], what="sample features")
-  return est.evaluate_pr(ref, est.manifold_radii(ref), sam, est.manifold_radii(sam))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ import numpy as np
 
 from evaluation import features as features_lib
 from evaluation import fid, inception, preprocess
+from evaluation import inception_score as inception_score_lib
+from evaluation import precision_recall as precision_recall_lib
 from evaluation.errors import EvaluationError, validate_images
 
 
@@ -130,11 +132,11 @@ def evaluate(samples: Any, reference: Reference | str, weights: Any = None,
   if reference.spatial is not None:
     result["sfid"] = fid.fid_from_statistics(spatial, reference.spatial, method=fid_method)
   if want_is:
-    result["inception_score"], result["inception_score_std"] = fid.inception_score(
-        feats["logits"])
+    result["inception_score"], result["inception_score_std"] = (
+        inception_score_lib.inception_score(feats["logits"]))
   if precision_recall and reference.pool_features is not None:
-    result["precision"], result["recall"] = fid.precision_recall(reference.pool_features,
-                                                                 feats["pool"])
+    result["precision"], result["recall"] = precision_recall_lib.precision_recall(
+        reference.pool_features, feats["pool"])
   record = dict(mine)
   record.update(frechet_method=fid_method, num_samples=int(feats["pool"].shape[0]),
                 reference_count=reference.pool.count,

@@ -1,10 +1,7 @@
-"""Consistency-model parameterisation on ADM's VP grid and one-/multistep consistency sampling.
+"""One- and multistep consistency sampling on ADM's VP grid.
 
-The consistency function of an ε-network (PAPER.md §8; LCM's boundary scalings, Luo et al. 2023):
-    f(x, t) = c_skip(t)·x + c_out(t)·x̂_0(x, t),   x̂_0 = (x − σ_t·ε_θ(x, t)) / sqrt(ᾱ_t),
-    c_skip(t) = σ_d² / ((s·t)² + σ_d²),   c_out(t) = s·t / sqrt((s·t)² + σ_d²),
-with t the integer timestep of the original grid, σ_d = `sigma_data` and s = `timestep_scale`.
-At t = 0, c_skip = 1 and c_out = 0 exactly, so f(x, 0) = x for any network.
+The consistency function f(x, t) = c_skip(t)·x + c_out(t)·x̂_0(x, t) of an ε-network is defined
+with its loss in `adv_diffusion.consistency` (PAPER.md §8).
 
 Multistep sampling (Song et al. 2023, Algorithm 1) at timesteps τ_0 > τ_1 > …: x̂_0 = f(x_T, τ_0),
 then for each later τ re-noise x_τ = sqrt(ᾱ_τ)·x̂_0 + σ_τ·z and denoise x̂_0 = f(x_τ, τ): one
@@ -20,35 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adv_diffusion.consistency import consistency_function
+from adv_diffusion.diffusion import q_sample_at
+
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
-
-
-def boundary_scalings(t: jax.Array, sigma_data: float, timestep_scale: float
-                      ) -> tuple[jax.Array, jax.Array]:
-  """(c_skip(t), c_out(t)) of LCM, each shaped like `t`; (1, 0) at t = 0."""
-  scaled = timestep_scale * jnp.asarray(t, jnp.float32)
-  c_skip = sigma_data ** 2 / (scaled ** 2 + sigma_data ** 2)
-  c_out = scaled / jnp.sqrt(scaled ** 2 + sigma_data ** 2)
-  return c_skip, c_out
-
-
-def predict_x0(eps: jax.Array, x: jax.Array, t: jax.Array, alphas_cumprod: jax.Array,
-               clip: bool) -> jax.Array:
-  """x̂_0 = (x − σ_t·ε) / sqrt(ᾱ_t) per example, optionally clipped to [−1, 1] (ADM's
-  `clip_denoised`: with the cosine schedule sqrt(ᾱ_999) ≈ 5e-5 would amplify ε errors)."""
-  a = jnp.asarray(alphas_cumprod, jnp.float32)[t][:, None, None, None]
-  x0 = (x - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
-  return jnp.clip(x0, -1.0, 1.0) if clip else x0
-
-
-def consistency_function(output: jax.Array, x: jax.Array, t: jax.Array,
-                         alphas_cumprod: jax.Array, *, sigma_data: float = 0.5,
-                         timestep_scale: float = 10.0, clip_x0: bool = True) -> jax.Array:
-  """f(x, t) from the raw network output (ε in its first C channels; learned σ ignored)."""
-  eps = output[..., :x.shape[-1]].astype(jnp.float32)
-  c_skip, c_out = boundary_scalings(t, sigma_data, timestep_scale)
-  x0 = predict_x0(eps, x, t, alphas_cumprod, clip_x0)
-  return c_skip[:, None, None, None] * x + c_out[:, None, None, None] * x0
 
 
 def default_timesteps(nfe: int, num_timesteps: int) -> tuple[int, ...]:
@@ -85,5 +57,5 @@ def sample_consistency(model_fn: ModelFn, noise: jax.Array, alphas_cumprod: np.n
   x0 = f(noise, timesteps[0])
   for i, tau in enumerate(timesteps[1:], start=1):
     z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), noise.shape[1:]))(keys)
-    x0 = f(jnp.sqrt(ac[tau]) * x0 + jnp.sqrt(1.0 - ac[tau]) * z, tau)
+    x0 = f(q_sample_at(x0, z, jnp.sqrt(ac[tau]), jnp.sqrt(1.0 - ac[tau])), tau)
   return x0

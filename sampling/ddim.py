@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adv_diffusion.diffusion import GaussianDiffusion, get_named_beta_schedule, space_timesteps
+from adv_diffusion.diffusion import (GaussianDiffusion, ddim_update, eps_from_x0, per_example,
+                                     space_timesteps, x0_from_eps)
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 SPACINGS = ("adm", "ddim", "uniform", "quad")
@@ -75,12 +76,7 @@ def diffusion_from_timesteps(schedule: str, num_timesteps: int,
     raise ValueError(
         f"timesteps must be strictly increasing integers in [0, {num_timesteps}), got "
         f"{kept.tolist()!r}.")
-  betas = get_named_beta_schedule(schedule, num_timesteps)
-  # IDDPM Eq. 19: beta_{S_i} = 1 - alpha_bar_{S_i} / alpha_bar_{S_{i-1}} (1 before S_0), in
-  # float64 from the base cumulative product -- the same maths as GaussianDiffusion.create.
-  ac_kept = np.cumprod(1.0 - betas, axis=0)[kept]
-  new_betas = 1.0 - ac_kept / np.append(1.0, ac_kept[:-1])
-  return GaussianDiffusion(betas=new_betas, timestep_map=kept.astype(np.int32))
+  return GaussianDiffusion.from_timesteps(schedule, num_timesteps, kept.tolist())
 
 
 def respaced_diffusion(schedule: str, num_timesteps: int, steps: int,
@@ -127,7 +123,7 @@ def sample_ddim(model_fn: ModelFn, noise: jax.Array, diffusion: GaussianDiffusio
       "sqrt_recipm1_alphas_cumprod")}
 
   def gather(name: str, t: jax.Array) -> jax.Array:
-    return tables[name][t].reshape((batch,) + (1,) * (nd - 1))
+    return tables[name][t]
 
   def body(i, x):
     t_index = num_steps - 1 - i
@@ -135,24 +131,21 @@ def sample_ddim(model_fn: ModelFn, noise: jax.Array, diffusion: GaussianDiffusio
     if perturb is not None:
       x = perturb(i, diffusion.model_timesteps(t), x)
     eps = model_fn(x, diffusion.model_timesteps(t))[..., :channels]
-    # IDDPM Eq. 10 solved for x_0, then ε re-derived from the (clipped) x_0 as ADM does.
-    pred_xstart = gather("sqrt_recip_alphas_cumprod", t) * x - gather(
-        "sqrt_recipm1_alphas_cumprod", t) * eps
+    coefs = gather("sqrt_recip_alphas_cumprod", t), gather("sqrt_recipm1_alphas_cumprod", t)
+    pred_xstart = x0_from_eps(x, eps, *coefs)
     if clip_denoised:
       pred_xstart = jnp.clip(pred_xstart, -1.0, 1.0)
-    eps = (gather("sqrt_recip_alphas_cumprod", t) * x - pred_xstart) / gather(
-        "sqrt_recipm1_alphas_cumprod", t)
+    eps = eps_from_x0(x, pred_xstart, *coefs)  # as ADM's ddim_sample
     alpha_bar, alpha_bar_prev = gather("alphas_cumprod", t), gather("alphas_cumprod_prev", t)
     # DDIM Eq. 16: sigma_t(eta) = eta sqrt((1 - a_prev)/(1 - a)) sqrt(1 - a/a_prev).
     sigma = (eta * jnp.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
              * jnp.sqrt(1 - alpha_bar / alpha_bar_prev))
-    # DDIM Eq. 12: x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps + sigma z.
-    mean = pred_xstart * jnp.sqrt(alpha_bar_prev) + jnp.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+    mean = ddim_update(pred_xstart, eps, alpha_bar_prev, sigma)
     if eta == 0:
       return mean
     z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, t_index), x.shape[1:],
                                              dtype))(sample_keys)
     nonzero = (t_index != 0).astype(dtype)  # no noise at the last step
-    return mean + nonzero * sigma * z
+    return mean + nonzero * per_example(sigma, x) * z
 
   return jax.lax.fori_loop(0, num_steps, body, noise), ddim_nfe(diffusion)

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adv_diffusion.diffusion import GaussianDiffusion
+from adv_diffusion.diffusion import GaussianDiffusion, x0_from_eps
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 SKIP_TYPES = ("logSNR", "time_uniform", "time_quadratic")
@@ -463,7 +463,7 @@ def sample_dpm_solver(model_fn: ModelFn, noise: jax.Array, schedule: DiscreteVPS
     z = combine(row["in_a"], row["in_b"], x, buf)
     eps = model_fn(z, jnp.full((batch,), row["tau"]))[..., :channels].astype(dtype)
     # DPM-Solver++ works with the data prediction x_0 = (x_t - σ_t ε)/α_t (its Eq. 8).
-    m = (z - row["sigma"] * eps) / row["alpha"] if data else eps
+    m = x0_from_eps(z, eps, 1.0 / row["alpha"], row["sigma"] / row["alpha"]) if data else eps
     if clip_denoised:
       m = jnp.clip(m, -1.0, 1.0)
     buf = jax.lax.dynamic_update_index_in_dim(buf, m, row["slot"], axis=0)

@@ -8,9 +8,12 @@ import numpy as np
 import optax
 import pytest
 
-from adv_diffusion import adversarial, losses, parallel, train
+from adv_diffusion import adversarial, losses
+from adv_diffusion import train_step as step_lib
+from modes import parallel, train
+from modes.factories import step_settings
 from adv_diffusion.diffusion import GaussianDiffusion
-from adv_diffusion.nets.factory import create_unet
+from modes.factories import create_unet
 from tests import run_utils
 from tests.configs import tiny_digits
 
@@ -275,8 +278,7 @@ def _step_setup(tx=None, consistency: dict | None = None, **adv):
   batch = parallel.global_batch_from_local(
       {"image": rng.integers(0, 256, (8, 16, 16, 1), dtype=np.uint8),
        "label": np.zeros((8,), np.int32)}, mesh)
-  step = jax.jit(functools.partial(train.train_step, model=model, diffusion=diffusion, tx=tx,
-                                   config=config))
+  step = jax.jit(train.make_step_fn(model, diffusion, tx, config))
   return config, model, diffusion, tx, state, batch, step
 
 
@@ -314,17 +316,18 @@ def test_three_replays_make_three_updates_and_step_size_zero_is_three_clean_upda
 
   # Replay the three clean updates by hand with the same t, ε and per-replay dropout keys.
   step_key = jax.random.fold_in(key, state.step)
-  inputs, dropout_key = train.minibatch_inputs(state, batch, step_key, diffusion, config)
+  inputs, dropout_key = step_lib.minibatch_inputs(state, batch, step_key, diffusion,
+                                                  step_settings(config))
 
   def apply_fn(p, x, ts, labels, k):
     return model.apply({"params": p}, x, ts, labels, train=True, rngs={"dropout": k})
 
   manual, params_seen = _copy(state), []
-  for r, k in enumerate(train._replay_dropout_keys(dropout_key, 3)):
+  for r, k in enumerate(step_lib.replay_dropout_keys(dropout_key, 3)):
     grads = jax.grad(lambda p: losses.diffusion_loss(
         p, jnp.zeros_like(inputs.x_t), inputs, k, apply_fn=apply_fn, diffusion=diffusion,
         learn_sigma=True, loss_type="rescaled_mse")[0])(manual.params)
-    manual = train.apply_gradients(manual, grads, tx, tuple(config.train.ema_rates))
+    manual = step_lib.apply_gradients(manual, grads, tx, tuple(config.train.ema_rates))
     params_seen.append(manual.params)
   assert run_utils.max_abs_diff(manual.params, new.params) <= 1e-6
   # EMA arithmetic: three EMA updates, e3 = r³e0 + (1−r)(r²p1 + r·p2 + p3), for each rate.
@@ -360,9 +363,9 @@ def test_pgd_makes_one_update_per_minibatch():
 def test_input_perturbation_builds_x_t_from_perturbed_noise_and_keeps_the_target():
   config, _, diffusion, _, state, batch, _ = _step_setup()
   key = jax.random.key(5)
-  clean_inputs, _ = train.minibatch_inputs(state, batch, key, diffusion, config)
+  clean_inputs, _ = step_lib.minibatch_inputs(state, batch, key, diffusion, step_settings(config))
   config.diffusion.input_perturbation = 0.15
-  ip_inputs, _ = train.minibatch_inputs(state, batch, key, diffusion, config)
+  ip_inputs, _ = step_lib.minibatch_inputs(state, batch, key, diffusion, step_settings(config))
   np.testing.assert_array_equal(ip_inputs.noise, clean_inputs.noise)  # target ε unchanged
   xi = losses.input_perturbation_noise(clean_inputs.noise, jax.random.fold_in(key, 1001), 0.15)
   np.testing.assert_allclose(ip_inputs.x_t, diffusion.q_sample(clean_inputs.x_start,

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from adv_diffusion import data as data_lib
-from adv_diffusion import train
-from adv_diffusion.config_validation import validate_config
-from adv_diffusion.errors import ConfigError, DatasetNotPreparedError
+from modes import data as data_lib
+from modes import train
+from modes.config_validation import validate_config
+from modes.errors import ConfigError, DatasetNotPreparedError
 from tests import run_utils
 
 

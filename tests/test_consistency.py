@@ -8,10 +8,12 @@ import numpy as np
 import optax
 import pytest
 
-from adv_diffusion import consistency, train
+from adv_diffusion import consistency
+from adv_diffusion import train_step as step_lib
+from modes import train
 from adv_diffusion.diffusion import GaussianDiffusion
-from adv_diffusion.nets.factory import create_unet
-from sampling.consistency import boundary_scalings, consistency_function
+from modes.factories import create_unet
+from adv_diffusion.consistency import boundary_scalings, consistency_function
 from sampling.registry import make_sampler
 from tests import run_utils
 from tests.configs import tiny_digits
@@ -119,7 +121,7 @@ def test_distillation_with_exact_gaussian_teacher_learns_the_ode_flow():
         p, None, inputs, key, apply_fn=g.net, alphas_cumprod=ac, cm=cm)[0])(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    target = train.ema_update(target, params, cm.target_ema)
+    target = step_lib.ema_update(target, params, cm.target_ema)
     return params, target, opt_state
 
   params, target, opt_state = teacher, teacher, tx.init(teacher)

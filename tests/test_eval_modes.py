@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from adv_diffusion import data as data_lib
+from modes import data as data_lib
 from evaluation import convert_inception, fid
 from tests import run_utils
 

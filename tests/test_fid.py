@@ -1,5 +1,6 @@
 """FID pipeline: weight conversion, Inception parity with the TorchScript reference, resize rules,
-statistics, Fréchet distance, IS, precision/recall, files, errors, and 1 vs 8 devices.
+statistics, Fréchet distance, files, errors, and 1 vs 8 devices (IS and precision/recall: their
+own test files).
 
 Costs on 2 CPU cores: an Inception forward is ~0.2 s/image in JAX and ~0.4 s/image in torch, a
 2048-d scipy sqrtm 15-30 s. So the images are few (tens), features are computed once per module
@@ -19,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from evaluation import convert_inception, features, fid, inception, metrics, preprocess
+from evaluation import convert_inception, features, fid, inception, inception_score, metrics
+from evaluation import preprocess
 from evaluation.errors import EvaluationError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -176,7 +178,7 @@ def test_pytorch_fid_state_dict_converts_with_logits(torch_net, weights_path, tm
   # Unbiased logits (improved-gan / ADM Inception Score): pool @ fc.weight.T.
   np.testing.assert_allclose(feats["logits"], feats["pool"] @ state["fc.weight"].numpy().T,
                              rtol=1e-4, atol=1e-4)
-  mean, std = fid.inception_score(feats["logits"], splits=1)
+  mean, std = inception_score.inception_score(feats["logits"], splits=1)
   assert mean >= 1.0 and std == 0.0
 
 
@@ -457,43 +459,8 @@ def test_features_and_statistics_same_on_1_and_8_devices(weights, weights_path, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Inception Score, precision/recall, statistics files.
+# Statistics files.
 # ---------------------------------------------------------------------------------------------
-
-
-def test_inception_score_closed_forms():
-  # Identical predictions: p(y|x) = p(y), KL = 0, IS = 1.
-  same = np.tile(np.random.default_rng(0).standard_normal(1008), (40, 1))
-  np.testing.assert_allclose(fid.inception_score(same)[0], 1.0, rtol=1e-12)
-  # Confident and uniform over C classes in every split: IS = C.
-  c = 4
-  logits = np.full((40, 1008), -1e4)
-  logits[np.arange(40), np.arange(40) % c] = 0.0
-  mean, std = fid.inception_score(logits, splits=10)
-  np.testing.assert_allclose(mean, c, rtol=1e-9)
-  assert std < 1e-9
-
-
-def _brute_force_pr(ref, sam, k=3):
-  def radii(x):
-    d = ((x[:, None] - x[None]) ** 2).sum(-1)
-    return np.sort(d, axis=1)[:, k]
-  d = ((ref[:, None] - sam[None]) ** 2).sum(-1)
-  precision = np.mean((d <= radii(ref)[:, None]).any(0))
-  recall = np.mean((d <= radii(sam)[None, :]).any(1))
-  return precision, recall
-
-
-def test_precision_recall_matches_brute_force():
-  rng = np.random.default_rng(0)
-  ref = rng.standard_normal((37, 8))
-  sam = rng.standard_normal((29, 8)) * 1.3 + 0.4
-  expected = _brute_force_pr(ref, sam)
-  assert 0 < expected[0] < 1 and 0 < expected[1] < 1
-  np.testing.assert_allclose(fid.precision_recall(ref, sam), expected)
-  # Row/column blocks smaller than the sets give the same answer.
-  np.testing.assert_allclose(fid.precision_recall(ref, sam, batch_size=5), expected)
-  np.testing.assert_allclose(fid.precision_recall(ref, ref), (1.0, 1.0))
 
 
 def test_statistics_files_round_trip_and_foreign_formats(tmp_path, pipeline_features):
@@ -581,8 +548,6 @@ def test_bad_images_raise_one_sentence(images, match, weights):
     (lambda: fid.compute_statistics(np.zeros((1, 5))), "at least 2"),
     (lambda: fid.update_moments(fid.init_moments(4), np.zeros((3, 5))), "dimensions"),
     (lambda: fid.compute_statistics(np.full((3, 2), np.inf)), "NaN or infinite"),
-    (lambda: fid.inception_score(np.zeros((5, 1008))), "at least 10"),
-    (lambda: fid.precision_recall(np.zeros((3, 4)), np.zeros((9, 4))), "more than 3"),
     (lambda: preprocess.check_resize_rule("bicubic"), "resize_rule"),
 ])
 def test_bad_statistics_raise_one_sentence(call, match):

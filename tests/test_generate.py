@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sampling import generate
+from modes import sample as generate
 from tests import run_utils
 
 TAG = "ddim_nfe3_step2_ema_seed0"

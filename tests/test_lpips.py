@@ -13,8 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from adv_diffusion.config_validation import validate_config
-from adv_diffusion.errors import ConfigError
+from modes.config_validation import validate_config
+from modes.errors import ConfigError
 from evaluation import convert_lpips
 from evaluation import lpips as lpips_jax
 from evaluation.errors import EvaluationError

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evaluation import robustness
+from sampling import perturbations as robustness
 from sampling.ddim import respaced_diffusion, sample_ddim
 from tests.test_consistency import T, GaussianProblem
 

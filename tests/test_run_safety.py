@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adv_diffusion import checkpoint as ckpt_lib
-from adv_diffusion import data as data_lib
-from adv_diffusion import parallel, train
-from adv_diffusion.errors import UserFacingError
-from adv_diffusion.nets.factory import create_unet
-from adv_diffusion.workdir import check_free_space
+from modes import checkpoint as ckpt_lib
+from modes import data as data_lib
+from modes import parallel, train
+from modes.errors import UserFacingError
+from modes.factories import create_unet
+from modes.workdir import check_free_space
 from tests import run_utils
 from tests.configs import tiny_digits
 
@@ -121,9 +121,8 @@ def compiled_step():
   model = create_unet(config)
   tx = train.create_optimizer(config.optim)
   state = train.create_train_state(model, tx, config, jax.random.key(0), mesh)
-  step = jax.jit(lambda s, b, k: train.train_step(s, b, k, model=model,
-                                                  diffusion=train.create_diffusion(config),
-                                                  tx=tx, config=config))
+  step_fn = train.make_step_fn(model, train.create_diffusion(config), tx, config)
+  step = jax.jit(lambda s, b, k: step_fn(s, b, k))
   images = data_lib.load_dataset("digits").images[:8]
   return step, state, images
 

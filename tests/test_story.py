@@ -1,4 +1,4 @@
-"""The whole story in one command (`config.story.enabled`): clean run → AT fine-tune and an
+"""The whole story in one command (`--mode=story`): clean run → AT fine-tune and an
 equal-budget clean control from the same checkpoint → FID table; a rerun redoes nothing."""
 
 import csv
@@ -11,7 +11,7 @@ from tests import run_utils
 def test_story_runs_every_stage_with_equal_updates_and_resumes(tmp_path):
   weights, _ = convert_inception.convert(None, str(tmp_path / "inception.npz"))
   workdir = str(tmp_path / "story")
-  args = ("--config.story.enabled=True", "--config.adversarial.mode=fast",
+  args = ("--mode=story", "--config.adversarial.mode=fast",
           "--config.adversarial.num_replays=2", "--config.story.clean_steps=2",
           "--config.train.num_steps=2", "--config.train.async_checkpointing=False",
           "--config.story.methods=('ddim',)", "--config.story.nfes=(2,)",
@@ -44,13 +44,13 @@ def test_story_runs_every_stage_with_equal_updates_and_resumes(tmp_path):
 
 
 def test_story_needs_adversarial_training(tmp_path):
-  result = run_utils.run_main(str(tmp_path / "s"), "--config.story.enabled=True", check=False)
-  run_utils.assert_one_sentence_error(result, "config.story.enabled", "adversarial.mode")
+  result = run_utils.run_main(str(tmp_path / "s"), "--mode=story", check=False)
+  run_utils.assert_one_sentence_error(result, "config.adversarial.mode", "--mode=story")
 
 
 def test_story_without_fid_weights_stops_before_training(tmp_path):
   workdir = str(tmp_path / "s")
-  result = run_utils.run_main(workdir, "--config.story.enabled=True",
+  result = run_utils.run_main(workdir, "--mode=story",
                               "--config.adversarial.mode=fast",
                               f"--config.evaluation.inception_weights={tmp_path}/none.npz",
                               check=False)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adv_diffusion import tables
+from modes import table as tables
 from evaluation import convert_inception
 from tests import run_utils
 

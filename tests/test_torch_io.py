@@ -16,10 +16,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from adv_diffusion import checkpoint as ckpt_lib  # noqa: E402
-from adv_diffusion import torch_io  # noqa: E402
-from adv_diffusion.errors import CheckpointError  # noqa: E402
-from adv_diffusion.nets.factory import create_unet  # noqa: E402
+from modes import checkpoint as ckpt_lib  # noqa: E402
+from modes import torch_io  # noqa: E402
+from modes.errors import CheckpointError  # noqa: E402
+from modes.factories import create_unet  # noqa: E402
 from adv_diffusion.nets.torch_mapping import flax_to_torch_state_dict  # noqa: E402
 from tests import run_utils  # noqa: E402
 from tests.test_unet import flax_args, inputs, rel_err, torch_model  # noqa: E402
@@ -89,15 +89,15 @@ def test_export_import_export_is_bit_exact(trained, tmp_path):
   config = load_config(TINY_MODULE)
   rates = tuple(config.train.ema_rates)
   first = str(tmp_path / "torch_a")
-  run_utils.run_main(trained, "--mode=export_torch", f"--torch_out={first}", config=TINY_IMAGENET)
+  run_utils.run_main(trained, "--mode=export_torch", f"--config.torch_io.out={first}", config=TINY_IMAGENET)
   names = ["model000002.pt"] + [f"ema_{r}_000002.pt" for r in rates]
   assert sorted(os.listdir(first)) == sorted(names)
   model_file, *ema_files = [os.path.join(first, n) for n in names]
 
   # torch files -> orbax: the same params and EMAs, bit for bit, at the step of the file name.
   imported = str(tmp_path / "imported")
-  run_utils.run_main(imported, "--mode=import_torch", f"--torch_checkpoint={model_file}",
-                     f"--torch_ema={','.join(ema_files)}", config=TINY_IMAGENET)
+  run_utils.run_main(imported, "--mode=import_torch", f"--config.torch_io.checkpoint={model_file}",
+                     f"--config.torch_io.ema={','.join(ema_files)}", config=TINY_IMAGENET)
   original = run_utils.read_checkpoint(trained)["model"]
   again = run_utils.read_checkpoint(imported, step=2)["model"]
   assert_trees_equal(again, original)
@@ -200,7 +200,7 @@ def test_import_cli_error_is_one_sentence(tmp_path):
   path = str(tmp_path / "model.pt")
   torch.save(state, path)
   result = run_utils.run_main(str(tmp_path / "run"), "--mode=import_torch",
-                              f"--torch_checkpoint={path}", config=TINY_IMAGENET, check=False)
+                              f"--config.torch_io.checkpoint={path}", config=TINY_IMAGENET, check=False)
   run_utils.assert_one_sentence_error(
       result, path, "1 unknown key(s) [input_blocks.1.0.not_a_layer.weight]",
       "1 missing key(s) [label_emb.weight]", "1 mis-shaped key(s) [middle_block.1.qkv.weight")

@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adv_diffusion import checkpoint as ckpt_lib
-from adv_diffusion import data as data_lib
-from adv_diffusion import train
-from adv_diffusion.nets.factory import create_unet
+from modes import checkpoint as ckpt_lib
+from modes import data as data_lib
+from modes import train
+from modes.factories import create_unet
 from tests import run_utils
 from tests.configs import tiny_digits
 
@@ -36,7 +36,7 @@ def test_loss_falls_on_digits(tmp_path):
   config.train.log_every = 50
   config.train.checkpoint_every = 150
   config.train.async_checkpointing = False
-  state = train.train_and_evaluate(config, str(tmp_path))
+  state = train.train(config, str(tmp_path))
 
   model = create_unet(config)
   diffusion = train.create_diffusion(config)

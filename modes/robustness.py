@@ -4,7 +4,7 @@ For every run (`config.robustness.runs`, default `config.table.runs`), every per
 (`robustness.kinds`: random Gaussian direction, or PGD maximising the model's denoising error)
 and every budget ρ (`robustness.budgets`, ‖δ‖₂ ≤ ρ·sqrt(d) per example), x_t is perturbed at the
 sampler steps `robustness.attack_steps` of an `robustness.nfe`-step DDIM and the sampler goes on
-from there (`evaluation.robustness.trajectory_perturbation`); ρ = 0 is the unattacked sampler.
+from there (`sampling.perturbations.trajectory_perturbation`); ρ = 0 is the unattacked sampler.
 The cells reuse `--mode=table`'s machinery (resumable, with provenance); at the end
 `WORKDIR/robustness/robustness.md`, `.csv` and `fid_vs_budget.png` (one line per run and kind).
 """
@@ -17,11 +17,11 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
-from adv_diffusion import tables
-from adv_diffusion.config_validation import validate_config
+from modes import table as tables
+from modes.config_validation import validate_config
 from adv_diffusion.diffusion import GaussianDiffusion
-from evaluation import robustness
-from sampling import generate
+from sampling import perturbations as robustness
+from modes import sample as generate
 from sampling.ddim import respaced_diffusion, sample_ddim
 from sampling.registry import Sampler
 
@@ -69,10 +69,10 @@ def cell_grid(config: ml_collections.ConfigDict) -> list[tuple[str, str, str, fl
   return cells
 
 
-def run_robustness(config: ml_collections.ConfigDict, workdir: str) -> str:
+def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Computes the missing cells, then writes the markdown, CSV and plot; returns the markdown
   path."""
-  validate_config(config)
+  validate_config(config, "robustness")
   r = config.robustness
   out_dir = os.path.join(workdir, "robustness")
   reference = tables.reference_statistics(config, workdir)

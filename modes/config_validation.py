@@ -5,8 +5,8 @@ from typing import Any, Iterable
 
 import ml_collections
 
-from adv_diffusion import data as data_lib
-from adv_diffusion.errors import ConfigError
+from modes import data as data_lib
+from modes.errors import ConfigError
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
@@ -46,21 +46,31 @@ def _get(config, key: str) -> Any:
   return node
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError with one sentence for the first bad value found."""
+# The config sections each mode reads (and so validates).
+TRAINING = ("data", "model", "diffusion", "optim", "train", "adversarial", "consistency")
+MODE_SECTIONS = {
+    "train": TRAINING,
+    "story": TRAINING + ("story", "table", "sampling", "evaluation"),
+    "sample": ("data", "model", "diffusion", "train", "consistency", "sampling"),
+    "fid_stats": ("data", "evaluation"),
+    "eval": ("data", "sampling", "evaluation"),
+    "table": ("data", "model", "diffusion", "train", "consistency", "table", "sampling",
+              "evaluation"),
+    "robustness": ("data", "model", "diffusion", "train", "consistency", "table", "robustness",
+                   "sampling", "evaluation"),
+    "import_torch": TRAINING + ("torch_io",),
+    "export_torch": TRAINING + ("torch_io",),
+}
+
+
+def validate_config(config: ml_collections.ConfigDict, mode: str | None = None) -> None:
+  """Raises ConfigError with one sentence for the first bad value found in the sections that
+  `mode` reads (None: every section)."""
   _check_int(config, "seed", 0)
-  _validate_data(config)
-  _validate_model(config)
-  _validate_diffusion(config)
-  _validate_optim(config)
-  _validate_train(config)
-  _validate_adversarial(config)
-  _validate_consistency(config)
-  _validate_table(config)
-  _validate_robustness(config)
-  _validate_story(config)
-  _validate_sampling(config)
-  _validate_evaluation(config)
+  sections = MODE_SECTIONS[mode] if mode else tuple(_VALIDATORS)
+  for name in _VALIDATORS:
+    if name in sections:
+      _VALIDATORS[name](config)
 
 
 def _validate_data(config) -> None:
@@ -103,7 +113,9 @@ def _validate_model(config) -> None:
   else:
     _check_int(config, "model.num_heads", 1)
   _check_float(config, "model.dropout", 0.0, 1.0, high_open=True)
-  _check_choice(config, "model.compute_dtype", ("float32", "bfloat16"))
+  from modes.factories import COMPUTE_DTYPES
+
+  _check_choice(config, "model.compute_dtype", COMPUTE_DTYPES)
   for key in ("learn_sigma", "use_scale_shift_norm", "resblock_updown",
               "use_new_attention_order", "conv_resample", "remat"):
     if not isinstance(m[key], bool):
@@ -114,10 +126,12 @@ def _validate_model(config) -> None:
 
 
 def _validate_diffusion(config) -> None:
-  _check_choice(config, "diffusion.noise_schedule", ("linear", "cosine"))
+  from adv_diffusion import diffusion, timestep_sampler
+
+  _check_choice(config, "diffusion.noise_schedule", diffusion.BETA_SCHEDULES)
   _check_int(config, "diffusion.num_timesteps", 2)
-  _check_choice(config, "diffusion.loss_type", ("mse", "rescaled_mse"))
-  _check_choice(config, "diffusion.timestep_sampler", ("uniform", "loss-second-moment"))
+  _check_choice(config, "diffusion.loss_type", diffusion.LOSS_TYPES)
+  _check_choice(config, "diffusion.timestep_sampler", timestep_sampler.KINDS)
   _check_int(config, "diffusion.sampler_history", 1)
   _check_float(config, "diffusion.sampler_uniform_prob", 0.0, 1.0)
   _check_float(config, "diffusion.input_perturbation", 0.0, float("inf"))
@@ -153,7 +167,7 @@ def _validate_train(config) -> None:
 def _validate_adversarial(config) -> None:
   from adv_diffusion import adversarial, losses
 
-  _check_choice(config, "adversarial.mode", ("none", "fast", "pgd"))
+  _check_choice(config, "adversarial.mode", adversarial.MODES)
   _check_int(config, "adversarial.num_replays", 1)
   _check_int(config, "adversarial.pgd_steps", 1)
   _check_float(config, "adversarial.step_size", 0.0, float("inf"))
@@ -237,8 +251,6 @@ def _validate_story(config) -> None:
   from sampling.registry import METHODS
 
   st = config.story
-  if not isinstance(st.enabled, bool):
-    _fail("story.enabled", st.enabled, "use True or False")
   _check_int(config, "story.clean_steps", 1)
   _check_int(config, "story.clean_warmup_steps", 0)
   _check_int(config, "story.num_samples", 2)
@@ -247,13 +259,13 @@ def _validate_story(config) -> None:
     _fail("story.methods", st.methods, f"use a non-empty tuple of {list(METHODS[:-1])}")
   if not st.nfes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in st.nfes):
     _fail("story.nfes", st.nfes, "use a non-empty tuple of positive integers")
-  if st.enabled and (config.adversarial.mode == "none" or config.consistency.mode != "none"):
-    _fail("story.enabled", st.enabled, "the story fine-tunes a diffusion model with AT: use it "
-          "with adversarial.mode 'fast' or 'pgd' and consistency.mode 'none'")
+  if config.adversarial.mode == "none" or config.consistency.mode != "none":
+    _fail("adversarial.mode", config.adversarial.mode, "--mode=story fine-tunes a diffusion "
+          "model with AT: use adversarial.mode 'fast' or 'pgd' and consistency.mode 'none'")
 
 
 def _validate_robustness(config) -> None:
-  from evaluation.robustness import KINDS
+  from sampling.perturbations import KINDS
 
   r = config.robustness
   _check_int(config, "robustness.nfe", 1)
@@ -298,3 +310,20 @@ def _validate_evaluation(config) -> None:
   if config.evaluation.max_reference_images == 1:
     _fail("evaluation.max_reference_images", 1, "FID needs at least 2 images; use 0 (all) or ≥ 2")
   _check_choice(config, "evaluation.fid_method", ("sqrtm", "eigh"))
+
+
+def _validate_torch_io(config) -> None:
+  t = config.torch_io
+  _check_int(config, "torch_io.step", -1)
+  for key in ("checkpoint", "ema", "out"):
+    if not isinstance(t[key], str):
+      _fail(f"torch_io.{key}", t[key], "use a string (file paths; ema: comma-separated)")
+
+
+_VALIDATORS = {
+    "data": _validate_data, "model": _validate_model, "diffusion": _validate_diffusion,
+    "optim": _validate_optim, "train": _validate_train, "adversarial": _validate_adversarial,
+    "consistency": _validate_consistency, "table": _validate_table,
+    "robustness": _validate_robustness, "story": _validate_story, "sampling": _validate_sampling,
+    "evaluation": _validate_evaluation, "torch_io": _validate_torch_io,
+}

@@ -11,7 +11,7 @@ Every process runs the same `main.py`; `jax.distributed.initialize` connects the
 
 import os
 
-from adv_diffusion.errors import ConfigError
+from modes.errors import ConfigError
 
 
 def _from_env(value, name: str, cast=str):

@@ -20,9 +20,9 @@ from typing import Any, Callable
 import ml_collections
 from absl import logging
 
-from adv_diffusion import eval_modes
-from adv_diffusion.config_validation import validate_config
-from adv_diffusion.errors import ConfigError
+from modes import evaluate as eval_modes
+from modes.config_validation import validate_config
+from modes.errors import ConfigError
 
 # Published CIFAR-10 FIDs (50K samples) quoted in PAPER.md §7: (run label, method, NFE) → FID.
 PUBLISHED_CIFAR10: dict[tuple[str, str, int], float] = {
@@ -89,19 +89,19 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: str) -> str
   ref_config = ml_collections.ConfigDict(config.to_dict())
   ref_config.evaluation.reference = (config.evaluation.reference
                                      or os.path.join(workdir, "eval", "reference.npz"))
-  return eval_modes.fid_stats(ref_config, workdir)
+  return eval_modes.run_fid_stats(ref_config, workdir)
 
 
 def score_samples(config: ml_collections.ConfigDict, run_dir: str, reference: str,
                   num_samples: int, *, sampler=None, tag_suffix: str = "") -> dict[str, Any]:
   """Generates `num_samples` samples of `config.sampling` from the run in `run_dir` (resumable)
   and scores them: the METRICS, the sample count and the provenance of the numbers."""
-  from sampling import generate
+  from modes import sample as generate
 
   cfg = ml_collections.ConfigDict(config.to_dict())
   cfg.sampling.num_samples = num_samples
   cfg.evaluation.reference = reference
-  cfg.evaluation.samples = generate.generate_from_config(cfg, run_dir, sampler=sampler,
+  cfg.evaluation.samples = generate.run(cfg, run_dir, sampler=sampler,
                                                          tag_suffix=tag_suffix)
   result = eval_modes.evaluate_samples(cfg, run_dir)
   return {"workdir": os.path.abspath(run_dir), "num_samples": num_samples,
@@ -127,10 +127,10 @@ def fill_cells(cells: list[tuple[str, str, Callable[[], dict]]], cell_dir: str) 
   return results
 
 
-def run_table(config: ml_collections.ConfigDict, workdir: str) -> str:
+def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Computes the missing cells, then writes table.md, table.csv and fid_vs_nfe.png; returns
   the markdown path."""
-  validate_config(config)
+  validate_config(config, "table")
   grid = cell_grid(config)
   out_dir = os.path.join(workdir, "table")
   reference = reference_statistics(config, workdir)

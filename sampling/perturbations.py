@@ -10,7 +10,8 @@ per example (d = pixels × channels, the AT radius convention of PAPER.md §4):
     the denoising error, projected back onto the ball after every step.
 `trajectory_perturbation` applies either to a sampler's state x_t at chosen steps, the
 reference being the model's own x̂_0 at the unperturbed x_t (`sampling.ddim`'s `perturb` hook).
-Pure functions of (model_fn, arrays, key); this package imports nothing from adv_diffusion.
+Pure functions of (model_fn, arrays, key); the ball and the ascent step are AT's
+(`adv_diffusion.adversarial`), with the radius factor ρ.
 """
 
 from __future__ import annotations
@@ -22,23 +23,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adv_diffusion.adversarial import ascent_step, l2_normalize, num_dims
+from adv_diffusion.diffusion import x0_coefficients, x0_from_eps
+
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x, t) -> raw output, ε first
-
-
-def _per_example_norm(x: jax.Array) -> jax.Array:
-  return jnp.sqrt(jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim)), keepdims=True))
 
 
 def budget(rho: float, x: jax.Array) -> float:
   """ℓ2 budget ρ·sqrt(d) of a perturbation of one example of `x`."""
-  return float(rho * np.sqrt(np.prod(x.shape[1:])))
+  return float(rho * np.sqrt(num_dims(x)))
 
 
 def x0_prediction(model_fn: ModelFn, x: jax.Array, t: jax.Array, alphas_cumprod: np.ndarray
                   ) -> jax.Array:
-  a = jnp.asarray(alphas_cumprod, jnp.float32)[t][:, None, None, None]
+  """x̂_0(x, t) of the ε-network at original-grid timesteps `t`, unclipped."""
   eps = model_fn(x, t)[..., :x.shape[-1]].astype(jnp.float32)
-  return (x - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
+  return x0_from_eps(x, eps, *x0_coefficients(jnp.asarray(alphas_cumprod, jnp.float32)[t]))
 
 
 def denoising_error(model_fn: ModelFn, x: jax.Array, t: jax.Array, x_ref: jax.Array,
@@ -58,12 +58,7 @@ def random_perturbation(key: jax.Array, x: jax.Array, rho: float) -> jax.Array:
     u = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], jnp.float32))(key)
   else:
     u = jax.random.normal(key, x.shape, jnp.float32)
-  return budget(rho, x) * u / _per_example_norm(u)
-
-
-def project(delta: jax.Array, radius: float) -> jax.Array:
-  """Projection onto the per-example ℓ2 ball of `radius` (shrinks only what lies outside)."""
-  return delta * jnp.minimum(1.0, radius / jnp.maximum(_per_example_norm(delta), 1e-12))
+  return budget(rho, x) * l2_normalize(u)
 
 
 def pgd_perturbation(model_fn: ModelFn, x: jax.Array, t: jax.Array, x_ref: jax.Array,
@@ -81,9 +76,7 @@ def pgd_perturbation(model_fn: ModelFn, x: jax.Array, t: jax.Array, x_ref: jax.A
                                                        alphas_cumprod)))
 
   def ascend(delta, _):
-    g = grad_fn(delta)
-    delta = delta + step * g / jnp.maximum(_per_example_norm(g), 1e-12)
-    return project(delta, radius), None
+    return ascent_step(delta, grad_fn(delta), step, jnp.asarray(rho, jnp.float32), "l2"), None
 
   delta0 = 0.5 * random_perturbation(key, x, rho)
   delta, _ = jax.lax.scan(ascend, delta0, None, length=steps)

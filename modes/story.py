@@ -1,4 +1,4 @@
-"""The whole story in one command (`config.story.enabled`): does AT help this model?
+"""--mode=story: the whole story in one command: does AT help this model?
 
 Stages, each a resumable run in its own sub-directory of the workdir:
   1. `clean/`   clean ADM training (`story.clean_steps` at `story.clean_learning_rate`);
@@ -21,8 +21,8 @@ import os
 import ml_collections
 from absl import logging
 
-from adv_diffusion import tables, train
-from adv_diffusion.config_validation import validate_config
+from modes import table as tables, train
+from modes.config_validation import validate_config
 from evaluation import inception
 
 STAGES = ("clean", "at", "control")
@@ -36,7 +36,7 @@ def updates_per_step(config: ml_collections.ConfigDict) -> int:
 
 def _copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict(config.to_dict())
-  cfg.story.enabled = False
+  cfg.mode = "train"
   return cfg
 
 
@@ -86,9 +86,9 @@ def table_config(config: ml_collections.ConfigDict, run_dirs: dict[str, str]
   return cfg
 
 
-def run_story(config: ml_collections.ConfigDict, workdir: str) -> str | None:
+def run(config: ml_collections.ConfigDict, workdir: str) -> str | None:
   """Runs the missing stages; returns the table's markdown path (None if preempted)."""
-  validate_config(config)
+  validate_config(config, "story")
   # The last stage needs the FID network: say so now, not after the training stages.
   inception.load_inception_weights(config.evaluation.inception_weights or None)
   configs = stage_configs(config, workdir)
@@ -102,13 +102,13 @@ def run_story(config: ml_collections.ConfigDict, workdir: str) -> str | None:
       continue
     logging.info("Story stage %d/4 (%s): %d steps in %s.", number, name, cfg.train.num_steps,
                  run_dir)
-    train.train_and_evaluate(cfg, run_dir)
+    train.train(cfg, run_dir)
     if not _finished(run_dir, cfg.train.num_steps):  # preempted: the stage saved and returned
       return None
   logging.info("Story stage 4/4: samples and FID (%s × NFE %s, %d samples per cell).",
                "/".join(config.story.methods), "/".join(map(str, config.story.nfes)),
                config.story.num_samples)
-  path = tables.run_table(table_config(config, run_dirs), workdir)
+  path = tables.run(table_config(config, run_dirs), workdir)
   with open(path) as f:
     print(f.read())
   return path

@@ -22,16 +22,16 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from adv_diffusion import checkpoint as ckpt_lib
-from adv_diffusion import parallel
-from adv_diffusion.config_validation import validate_config
-from adv_diffusion.errors import ConfigError
-from adv_diffusion.nets.factory import create_unet
-from adv_diffusion.train import init_params
-from sampling import images as image_lib
+from modes import checkpoint as ckpt_lib
+from modes import parallel
+from modes.config_validation import validate_config
+from modes.errors import ConfigError
+from modes.factories import create_unet
+from modes.train import init_params
+from modes import images as image_lib
 from sampling.registry import Sampler, make_sampler
 
-ROUNDING = "truncate"  # ADM's uint8 rule (sampling.images.to_uint8)
+ROUNDING = "truncate"  # ADM's uint8 rule (modes.images.to_uint8)
 GRID_SIZE = 64  # samples in the PNG grid
 # Independent streams of sample i's key fold_in(key(seed), i).
 _NOISE_STREAM, _STEP_STREAM, _LABEL_STREAM = 0, 1, 2
@@ -159,14 +159,14 @@ def _chunk_ok(path: str, count: int, image_shape: tuple[int, ...], conditional: 
     return False
 
 
-def generate_from_config(config: ml_collections.ConfigDict, workdir: str, *,
+def run(config: ml_collections.ConfigDict, workdir: str, *,
                          sampler: Sampler | None = None, tag_suffix: str = "") -> str:
   """Generates (or completes) the sample set of `config.sampling`; returns its .npz path.
 
   `sampler` replaces the one `config.sampling` names (e.g. an attacked sampler); its `options`
   must then describe everything it does, and `tag_suffix` tells its sets apart.
   """
-  validate_config(config)
+  validate_config(config, "sample")
   s, d = config.sampling, config.data
   mesh = parallel.make_mesh()
   if s.batch_size % mesh.size:

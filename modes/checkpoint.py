@@ -21,7 +21,7 @@ from absl import logging
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as ocp_keep
 
-from adv_diffusion.errors import CheckpointError
+from modes.errors import CheckpointError
 
 MODEL_ITEM = "model"
 TRAIN_ITEM = "train"

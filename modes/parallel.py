@@ -25,7 +25,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:
   if global_batch_size % mesh.size:
-    from adv_diffusion.errors import ConfigError
+    from modes.errors import ConfigError
     raise ConfigError(
         f"config.train.batch_size = {global_batch_size} is not allowed: it must be divisible by "
         f"the {mesh.size} devices of the mesh.")

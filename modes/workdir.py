@@ -5,7 +5,7 @@ import os
 import shutil
 import uuid
 
-from adv_diffusion.errors import UserFacingError
+from modes.errors import UserFacingError
 
 
 def check_workdir_writable(workdir: str) -> None:

@@ -16,8 +16,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from adv_diffusion import data as data_lib
-from adv_diffusion.config_validation import validate_config
+from modes import data as data_lib
+from modes.config_validation import validate_config
 from evaluation import metrics
 
 
@@ -32,9 +32,9 @@ def _weights_path(config: ml_collections.ConfigDict) -> str | None:
   return config.evaluation.inception_weights or None
 
 
-def fid_stats(config: ml_collections.ConfigDict, workdir: str) -> str:
+def run_fid_stats(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Computes (or reuses) the reference statistics of `config.data`; returns their path."""
-  validate_config(config)
+  validate_config(config, "fid_stats")
   e, d = config.evaluation, config.data
   path = reference_path(config, workdir)
   dataset = data_lib.load_dataset(d.dataset, d.split, d.data_dir)
@@ -64,7 +64,7 @@ def samples_path(config: ml_collections.ConfigDict, workdir: str) -> str:
   """`config.evaluation.samples`, else the newest `samples/<tag>.npz` of `config.sampling`."""
   if config.evaluation.samples:
     return config.evaluation.samples
-  from sampling import generate
+  from modes import sample as generate
 
   directory = os.path.join(workdir, "samples")
   prefix = generate.sample_tag(config, 0).split("_step")[0] + "_step"
@@ -72,7 +72,7 @@ def samples_path(config: ml_collections.ConfigDict, workdir: str) -> str:
                        and f.endswith(".npz")) if os.path.isdir(directory) else [],
                       key=lambda f: os.path.getmtime(os.path.join(directory, f)))
   if not candidates:
-    from adv_diffusion.errors import UserFacingError
+    from modes.errors import UserFacingError
     raise UserFacingError(
         f"no sample set {prefix}*.npz in {directory}; generate one first with --mode=sample "
         "and the same config, or set config.evaluation.samples to an .npz path.")
@@ -81,11 +81,11 @@ def samples_path(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 def evaluate_samples(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Scores a sample set against the reference statistics and writes the JSON record."""
-  validate_config(config)
+  validate_config(config, "eval")
   e = config.evaluation
   reference = reference_path(config, workdir)
   if not os.path.isfile(reference):
-    from adv_diffusion.errors import UserFacingError
+    from modes.errors import UserFacingError
     raise UserFacingError(f"reference statistics {reference} do not exist; compute them first "
                           "with --mode=fid_stats and the same config.")
   path = samples_path(config, workdir)
@@ -100,7 +100,7 @@ def evaluate_samples(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             e.batch_size, inception_score=None,
                             precision_recall=e.precision_recall, provenance=provenance,
                             fid_method=e.fid_method)
-  out = os.path.join(workdir, "eval", os.path.splitext(os.path.basename(path))[0] + ".json")
+  out = record_path(path, workdir)
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w") as f:
     json.dump(result, f, indent=2, default=float)
@@ -108,3 +108,14 @@ def evaluate_samples(config: ml_collections.ConfigDict, workdir: str) -> dict:
   print(f"FID {result['fid']:.4f} ({samples.shape[0]} samples, reference "
         f"{result['provenance']['reference_count']} images) -> {out}")
   return result
+
+
+def record_path(samples: str, workdir: str) -> str:
+  """Where the JSON record of the sample file `samples` goes."""
+  return os.path.join(workdir, "eval", os.path.splitext(os.path.basename(samples))[0] + ".json")
+
+
+def run_eval(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """--mode=eval: `evaluate_samples`; returns the path of its JSON record."""
+  evaluate_samples(config, workdir)
+  return record_path(samples_path(config, workdir), workdir)

@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from adv_diffusion import checkpoint as ckpt_lib
-from adv_diffusion import parallel
-from adv_diffusion import train
-from adv_diffusion.config_validation import validate_config
-from adv_diffusion.errors import CheckpointError, UserFacingError
-from adv_diffusion.nets.factory import create_unet
+from modes import checkpoint as ckpt_lib
+from modes import parallel
+from modes import train
+from modes.config_validation import validate_config
+from modes.errors import CheckpointError, UserFacingError
+from modes.factories import create_unet
 from adv_diffusion.nets.torch_mapping import (StateDictMismatchError, flax_to_torch_state_dict,
                                               torch_to_flax_params)
 
@@ -109,14 +109,15 @@ def import_torch_checkpoint(config: ml_collections.ConfigDict, workdir: str, mod
   `ema_paths`: one file per rate of `config.train.ema_rates`, in order; none = every EMA is the
   model weights. `step` = -1: the step in the model's file name (`model250000.pt`), else 0.
   """
-  validate_config(config)
+  validate_config(config, "import_torch")
   rates = tuple(config.train.ema_rates)
   if not model_path:
-    raise UserFacingError("--mode=import_torch needs --torch_checkpoint=PATH, a guided-diffusion "
-                          "model .pt file (and optionally --torch_ema=PATH,... for its EMAs).")
+    raise UserFacingError("--mode=import_torch needs --config.torch_io.checkpoint=PATH, a "
+                          "guided-diffusion model .pt file (and optionally "
+                          "--config.torch_io.ema=PATH,... for its EMAs).")
   ema_paths = list(ema_paths)
   if ema_paths and len(ema_paths) != len(rates):
-    raise UserFacingError(f"--torch_ema names {len(ema_paths)} file(s) but config.train.ema_rates "
+    raise UserFacingError(f"config.torch_io.ema names {len(ema_paths)} file(s) but config.train.ema_rates "
                           f"has {len(rates)} rate(s) {list(rates)}; pass one EMA file per rate, "
                           "in order, or none.")
   directory = ckpt_lib.checkpoint_dir(workdir)
@@ -130,7 +131,7 @@ def import_torch_checkpoint(config: ml_collections.ConfigDict, workdir: str, mod
   if ema_paths:
     ema_params = tuple(_to_flax(path, template) for path in ema_paths)
   else:
-    logging.info("No --torch_ema files: every EMA of %s starts as the model weights.", list(rates))
+    logging.info("No config.torch_io.ema files: every EMA of %s starts as the model weights.", list(rates))
     ema_params = tuple(params for _ in rates)
   state = _fresh_train_state(config, params, ema_params, step)
   checkpointer = ckpt_lib.Checkpointer(directory, save_every=1, keep=1, async_save=False)
@@ -152,10 +153,10 @@ def export_torch_checkpoint(config: ml_collections.ConfigDict, workdir: str, out
                             step: int = -1) -> list[str]:
   """Writes `workdir`'s checkpoint `step` (-1: latest) as guided-diffusion .pt files in
   `out_dir` (default `workdir/torch`); returns their paths (model first, then one per EMA)."""
-  validate_config(config)
+  validate_config(config, "export_torch")
   torch = _torch()
   step = ckpt_lib.require_checkpoint(workdir, step, how="train or import a run there first",
-                                     purpose="export", step_key="--torch_step")
+                                     purpose="export", step_key="config.torch_io.step")
   repl = parallel.replicated(parallel.make_mesh())
   params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
                         params_template(config))
@@ -176,3 +177,22 @@ def export_torch_checkpoint(config: ml_collections.ConfigDict, workdir: str, out
       paths.append(path)
     logging.info("Exported step %d of %s to %s.", step, workdir, ", ".join(paths))
   return paths
+
+
+def _ema_files(spec: str) -> list[str]:
+  return [path.strip() for path in spec.split(",") if path.strip()]
+
+
+def run_import(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """--mode=import_torch: config.torch_io.checkpoint (+ .ema) as `workdir`'s checkpoint;
+  returns the checkpoint directory."""
+  t = config.torch_io
+  step = import_torch_checkpoint(config, workdir, t.checkpoint, _ema_files(t.ema), t.step)
+  return os.path.join(ckpt_lib.checkpoint_dir(workdir), str(step))
+
+
+def run_export(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """--mode=export_torch: `workdir`'s checkpoint config.torch_io.step as .pt files in
+  config.torch_io.out; returns the output directory."""
+  paths = export_torch_checkpoint(config, workdir, config.torch_io.out, config.torch_io.step)
+  return os.path.dirname(paths[0])

@@ -12,7 +12,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from adv_diffusion.errors import DatasetNotPreparedError
+from modes.errors import DatasetNotPreparedError
 
 
 class DatasetSpec(NamedTuple):

@@ -1,0 +1,360 @@
+"""--mode=train: the training loop (restore, finite checks, sample grid, checkpoints, logging).
+
+The step itself is `adv_diffusion.train_step.train_step`, built here from the config
+(`modes.factories`) and compiled over the device mesh: batch sharded over `data`, state
+replicated (a carried δ sharded like the batch) and donated.
+"""
+
+import functools
+import json
+import os
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from adv_diffusion import train_step as step_lib
+from adv_diffusion.diffusion import GaussianDiffusion
+from adv_diffusion.train_step import TrainState
+from evaluation import lpips as lpips_lib
+from evaluation.inception import file_sha256
+from modes import checkpoint as ckpt_lib
+from modes import data as data_lib
+from modes import images as image_lib
+from modes import parallel
+from modes import teacher as teacher_lib
+from modes.config_validation import validate_config
+from modes.errors import NonFiniteError
+from modes.factories import (create_diffusion, create_optimizer, create_unet,
+                             learning_rate_schedule, step_settings)
+from modes.preemption import PreemptionWatcher
+from modes.workdir import check_free_space, check_workdir_writable
+from sampling.ancestral import ancestral_sample, per_sample_noise
+from sampling.consistency import default_timesteps, sample_consistency
+
+# The library's step maths, re-exported for the modes and benchmarks that build states.
+preprocess_images = step_lib.preprocess_images
+
+
+# ---------------------------------------------------------------------------------------------
+# State and step from a config
+# ---------------------------------------------------------------------------------------------
+
+def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """(H, W, C) of `config.data`."""
+  d = config.data
+  return (d.image_size, d.image_size, d.channels)
+
+
+def init_params(model: nn.Module, config: ml_collections.ConfigDict, key: jax.Array) -> Any:
+  """Fresh network parameters for the images of `config.data`."""
+  return step_lib.init_params(model, image_shape(config), bool(config.data.num_classes), key)
+
+
+def init_train_state(model: nn.Module, tx: optax.GradientTransformation,
+                     config: ml_collections.ConfigDict, key: jax.Array) -> TrainState:
+  """`adv_diffusion.train_step.init_train_state` with the sizes of `config`."""
+  return step_lib.init_train_state(
+      model, tx, key, settings=step_settings(config), image_shape=image_shape(config),
+      batch_size=config.train.batch_size, num_timesteps=config.diffusion.num_timesteps,
+      timestep_history=config.diffusion.sampler_history)
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
+                       config: ml_collections.ConfigDict, key: jax.Array,
+                       mesh: jax.sharding.Mesh) -> TrainState:
+  """`init_train_state` compiled to place the state with `state_shardings` on `mesh`."""
+  init = functools.partial(init_train_state, model, tx, config)
+  abstract = jax.eval_shape(init, key)
+  return jax.jit(init, out_shardings=state_shardings(abstract, mesh))(key)
+
+
+def state_shardings(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
+  """Everything replicated except a carried δ, which is split over the batch like the data."""
+  shardings = jax.tree.map(lambda _: parallel.replicated(mesh), state)
+  if state.delta is not None:
+    shardings = shardings.replace(delta=parallel.batch_sharding(mesh))
+  return shardings
+
+
+def make_step_fn(model: nn.Module, diffusion: GaussianDiffusion,
+                 tx: optax.GradientTransformation, config: ml_collections.ConfigDict
+                 ) -> Callable:
+  """`train_step` with the network, process, optimizer, settings and learning rate of `config`
+  bound: step_fn(state, batch, root_key, teacher_params=None, lpips_params=None)."""
+  return functools.partial(step_lib.train_step, model=model, diffusion=diffusion, tx=tx,
+                           settings=step_settings(config),
+                           learning_rate_fn=learning_rate_schedule(config.optim))
+
+
+def compile_train_step(model: nn.Module, diffusion: GaussianDiffusion,
+                       tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+                       mesh: jax.sharding.Mesh, state: TrainState) -> Callable:
+  """`make_step_fn` as one jit program: batch sharded over `data`, state replicated (a carried δ
+  sharded like the batch) and donated. `state` gives the pytree structure."""
+  repl = parallel.replicated(mesh)
+  state_sh = state_shardings(state, mesh)
+  return jax.jit(make_step_fn(model, diffusion, tx, config),
+                 in_shardings=(state_sh, parallel.batch_sharding(mesh), repl, repl, repl),
+                 out_shardings=(state_sh, repl), donate_argnums=(0,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Periodic sample grid
+# ---------------------------------------------------------------------------------------------
+
+def make_grid_sampler(model: nn.Module, config: ml_collections.ConfigDict,
+                      mesh: jax.sharding.Mesh) -> Callable[[Any], np.ndarray]:
+  """params → uint8 NHWC grid of `config.train.sample_grid_size` ancestral samples over
+  `config.train.sample_respacing` (consistency models: two-step consistency samples), sharded over the mesh (every process gets the whole grid).
+
+  Sample i's noise, step keys and label depend on (config.seed, i) only.
+  """
+  diffusion = create_diffusion(config, config.train.sample_respacing)
+  diffusion_full = create_diffusion(config)
+  d = config.data
+  count = config.train.sample_grid_size
+  indices = np.arange(-(-count // mesh.size) * mesh.size, dtype=np.int32)  # padded to the mesh
+  global_indices = jax.make_array_from_callback(indices.shape, parallel.batch_sharding(mesh),
+                                                lambda index: indices[index])
+
+  def run(params, indices):
+    key = jax.random.split(jax.random.key(config.seed), 3)[2]
+    noise = per_sample_noise(key, indices, (d.image_size, d.image_size, d.channels))
+    sample_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, 1), i))(indices)
+    labels = (indices % d.num_classes).astype(jnp.int32) if d.num_classes else None
+
+    if config.consistency.mode != "none":  # a consistency model: two-step sampling
+      cm = config.consistency
+      return sample_consistency(
+          lambda x, t: model.apply({"params": params}, x, t, labels, train=False),
+          noise, diffusion_full.alphas_cumprod,
+          default_timesteps(2, config.diffusion.num_timesteps), sample_keys,
+          sigma_data=cm.sigma_data, timestep_scale=cm.timestep_scale, clip_x0=cm.clip_x0)
+
+    def model_fn(x, t):
+      return model.apply({"params": params}, x, diffusion.model_timesteps(t), labels,
+                         train=False).astype(jnp.float32)
+    return ancestral_sample(model_fn, noise, diffusion, sample_keys,
+                            learn_sigma=config.model.learn_sigma)
+
+  repl = parallel.replicated(mesh)
+  run = jax.jit(run, in_shardings=(repl, parallel.batch_sharding(mesh)), out_shardings=repl)
+  return lambda params: image_lib.to_uint8(np.asarray(run(params, global_indices))[:count])
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def _host_scalars(metrics: dict[str, jax.Array]) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def restore_or_init(config: ml_collections.ConfigDict, state: TrainState,
+                    checkpointer: ckpt_lib.Checkpointer, teacher_params: Any = None
+                    ) -> TrainState:
+  """Resumes from this workdir's newest readable checkpoint, else `init_from`, else starts a
+  consistency student from its teacher, else keeps `state`.
+
+  `init_from` copies params and EMA params of another run and keeps this run's fresh
+  optimizer state, sampler history and step 0: the new run counts its own iterations. A
+  consistency model's target network starts equal to the starting params.
+  """
+  try:
+    resumed = checkpointer.restore_latest_good(state)
+  except ValueError as exc:  # shapes or tree of the files differ from this config's state
+    raise ckpt_lib.CheckpointError(
+        f"the checkpoints in {checkpointer.directory} do not fit this config "
+        f"({str(exc).splitlines()[0][:200]}); resume with the config they were written with or "
+        "use a new --workdir") from exc
+  if resumed is not None:
+    logging.info("Resuming from %s at step %d.", checkpointer.directory, resumed[1])
+    return resumed[0]
+  if config.train.init_from:
+    target = {"params": state.params, "ema_params": state.ema_params}
+    model, step = ckpt_lib.load_model_weights(config.train.init_from,
+                                              config.train.init_from_step, target,
+                                              config.train.init_from_command)
+    logging.info("Initialised params and EMA from %s step %d (fresh optimizer).",
+                 config.train.init_from, step)
+    state = state.replace(params=model["params"], ema_params=model["ema_params"])
+  elif teacher_params is not None:
+    logging.info("Student initialised from the teacher (params, EMA and target network).")
+    state = state.replace(params=_copy(teacher_params),
+                          ema_params=tuple(_copy(teacher_params) for _ in state.ema_params))
+  if state.target_params is not None:
+    state = state.replace(target_params=_copy(state.params))
+  return state
+
+
+def _copy(tree: Any) -> Any:
+  """New buffers with the same values: the donated state must not share any buffer."""
+  return jax.tree.map(jnp.copy, tree)
+
+
+def _state_bytes(state: TrainState) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+
+
+def _check_finite(step: int, metrics: dict[str, jax.Array], config: ml_collections.ConfigDict,
+                  seen_skips: int, *, saving: bool) -> int:
+  """Acts on the non-finite counters of `metrics` (from step `step`); returns the skip count.
+
+  A skipped update is logged ("skip") or ends the run ("stop"); a non-finite state (only
+  possible when it started that way) ends the run before it could be checkpointed.
+  """
+  skips = int(metrics["skipped_updates"])
+  if saving and not bool(metrics["params_finite"]):
+    raise NonFiniteError(
+        f"the parameters are not finite at step {step}, so no checkpoint was written; check the "
+        "weights this run started from (config.train.init_from) or its last good checkpoint.")
+  if skips > seen_skips:
+    if config.train.on_nonfinite == "stop":
+      raise NonFiniteError(
+          f"step {step} produced a non-finite loss or update (config.train.on_nonfinite = "
+          "'stop'); lower config.optim.learning_rate or set config.optim.grad_clip_norm, or "
+          "use on_nonfinite = 'skip' to drop such minibatches.")
+    logging.warning("Step %d: non-finite loss or update; minibatch skipped (%d skipped so far).",
+                    step, skips)
+  return skips
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains to `config.train.num_steps`, resuming from `workdir` when it holds checkpoints.
+
+  SIGTERM saves a checkpoint after the current step and returns (see `preemption`).
+  """
+  validate_config(config, "train")
+  mesh = parallel.make_mesh()
+  parallel.check_batch_divisible(config.train.batch_size, mesh)
+  is_main = jax.process_index() == 0
+  check_workdir_writable(workdir)
+  if is_main:
+    _write_config(config, workdir)
+
+  t = config.train
+  resuming = bool(ckpt_lib.checkpoint_steps(ckpt_lib.checkpoint_dir(workdir)))
+  if t.init_from and not resuming:
+    # Fail before loading data or compiling when the run to start from is missing.
+    ckpt_lib.require_checkpoint(t.init_from, t.init_from_step, t.init_from_command)
+  cm = config.consistency
+  if cm.mode == "distill":
+    ckpt_lib.require_checkpoint(cm.teacher, cm.teacher_step, cm.teacher_command,
+                                purpose="distil from",
+                                step_key="config.consistency.teacher_step")
+    teacher_lib.check_teacher_model(config)
+  dataset = data_lib.load_dataset(config.data.dataset, config.data.split, config.data.data_dir)
+  model = create_unet(config)
+  diffusion = create_diffusion(config)
+  tx = create_optimizer(config.optim)
+  repl = parallel.replicated(mesh)
+  # Made by a jit program so that every process holds the same global (replicated) keys; the
+  # third key of the split seeds the sample grid.
+  root_keys = lambda: tuple(jax.random.split(jax.random.key(config.seed), 3)[:2])  # noqa: E731
+  init_key, step_key = jax.jit(root_keys, out_shardings=(repl, repl))()
+  state = create_train_state(model, tx, config, init_key, mesh)
+  logging.info("UNet parameters: %d",
+               sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params)))
+  check_free_space(workdir, _state_bytes(state))
+
+  checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir),
+                                       save_every=t.checkpoint_every, keep=t.keep_checkpoints,
+                                       keep_every=t.keep_every,
+                                       async_save=t.async_checkpointing)
+  teacher_params = None
+  if cm.mode == "distill":
+    teacher_params, teacher_step = teacher_lib.load_teacher(config, state.params)
+    logging.info("Teacher: %s step %d (%s weights).", cm.teacher, teacher_step,
+                 "EMA" if cm.teacher_use_ema else "raw")
+  lpips_params = None
+  if cm.mode != "none" and cm.distance == "lpips":
+    lpips_path = lpips_lib.resolve_weights_path(cm.lpips_weights)
+    lpips_params = jax.device_put(lpips_lib.load_lpips_params(lpips_path), repl)
+    logging.info("LPIPS-VGG weights: %s (sha256 %s).", lpips_path,
+                 file_sha256(lpips_path))
+  state = restore_or_init(config, state, checkpointer, teacher_params)
+  start_step = int(state.step)
+  seen_skips = int(state.skipped_updates)
+
+  # clu's writers import TensorFlow (~3 s): only the train loop pays for it, not the modes
+  # (sample, eval, table, import) that import this module for its state and params helpers.
+  from clu import metric_writers, periodic_actions
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  report = periodic_actions.ReportProgress(num_train_steps=t.num_steps, writer=writer)
+  step_fn = compile_train_step(model, diffusion, tx, config, mesh, state)
+  grid_sampler = make_grid_sampler(model, config, mesh) if t.sample_every else None
+  batches = data_lib.batch_iterator(dataset, t.batch_size, start_step, config.seed,
+                                    jax.process_index(), jax.process_count())
+  preemption = PreemptionWatcher(t.preemption_grace_seconds)
+
+  window_start, window_steps = None, 0
+  previous = None  # (step, metrics) of the step before: read while the next one runs
+  step = start_step
+  try:
+    for step in range(start_step + 1, t.num_steps + 1):
+      batch = parallel.global_batch_from_local(next(batches), mesh)
+      state, metrics = step_fn(state, batch, step_key, teacher_params, lpips_params)
+      if previous is not None:
+        seen_skips = _check_finite(*previous, config, seen_skips, saving=False)
+      previous = (step, metrics)
+      report(step, time.time())
+      if window_start is None:  # the first step compiles; time the steady state only
+        jax.block_until_ready(metrics)
+        window_start, window_steps = time.perf_counter(), 0
+      else:
+        window_steps += 1
+      if step % t.log_every == 0 or step == t.num_steps:
+        scalars = _host_scalars(metrics)
+        elapsed = time.perf_counter() - window_start
+        if window_steps:
+          scalars["steps_per_sec"] = window_steps / elapsed
+          scalars["images_per_sec"] = window_steps * t.batch_size / elapsed
+        writer.write_scalars(step, scalars)
+        window_start, window_steps = time.perf_counter(), 0
+      preempted = preemption.should_stop(step)
+      if preempted or step % t.checkpoint_every == 0 or step == t.num_steps:
+        seen_skips = _check_finite(step, metrics, config, seen_skips, saving=True)
+        checkpointer.save(step, state, force=True)
+      if preempted:
+        checkpointer.wait()
+        logging.warning("Preempted: saved the checkpoint of step %d in %s; run the same command "
+                        "again to resume.", step, checkpointer.directory)
+        break
+      if grid_sampler is not None and (step % t.sample_every == 0 or step == t.num_steps):
+        grid = image_lib.make_grid(grid_sampler(state.ema_params[0]))
+        if is_main:
+          image_lib.save_png(os.path.join(workdir, "samples", f"grid_{step:08d}.png"), grid,
+                             upscale=2)
+          writer.write_images(step, {"samples": grid[None]})
+        window_start = None  # do not count sampling time in steps/s
+    else:
+      if previous is not None:
+        _check_finite(*previous, config, seen_skips, saving=False)
+      if is_main:
+        with open(os.path.join(workdir, "train_done.json"), "w") as f:
+          json.dump({"step": int(state.step), "skipped_updates": int(state.skipped_updates)}, f)
+    checkpointer.wait()
+  finally:
+    preemption.close()
+    checkpointer.close()
+    writer.flush()
+  return state
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """--mode=train: `train`; returns the checkpoint directory."""
+  train(config, workdir)
+  return ckpt_lib.checkpoint_dir(workdir)
