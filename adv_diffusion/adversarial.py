@@ -50,6 +50,7 @@ def project_linf(delta: jax.Array, radius: jax.Array) -> jax.Array:
 
 
 def project(delta: jax.Array, radius: jax.Array, norm: str) -> jax.Array:
+  """Projection onto the `norm` ball of per-example radius factor `radius`."""
   return project_l2(delta, radius) if norm == "l2" else project_linf(delta, radius)
 
 

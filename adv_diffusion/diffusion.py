@@ -34,6 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adv_diffusion.likelihood import (approx_standard_normal_cdf, discretized_gaussian_log_likelihood,
+                                      mean_flat, normal_kl)
+from adv_diffusion.schedules import BETA_SCHEDULES, get_named_beta_schedule, space_timesteps
+
 __all__ = [
     "GaussianDiffusion",
     "approx_standard_normal_cdf",
@@ -44,118 +48,9 @@ __all__ = [
     "space_timesteps",
 ]
 
-BETA_SCHEDULES = ("linear", "cosine")
 LOSS_TYPES = ("mse", "rescaled_mse")
 
 _LN2 = math.log(2.0)  # python float: stays a weak type, so float32 maths stays float32
-
-
-# ----------------------------------------------------------------------------------------
-# Beta schedules and respacing
-# ----------------------------------------------------------------------------------------
-
-
-def _check_num_timesteps(num_timesteps: int) -> int:
-  if isinstance(num_timesteps, bool) or int(num_timesteps) != num_timesteps or num_timesteps < 1:
-    raise ValueError(f"num_timesteps must be a positive integer, got {num_timesteps!r}.")
-  return int(num_timesteps)
-
-
-def _cosine_alpha_bar(u: float) -> float:
-  # IDDPM Eq. 17: alpha_bar(t) = f(t) / f(0), f(t) = cos^2(((t/T + s) / (1 + s)) * pi/2),
-  # s = 0.008. The 1/f(0) factor cancels in the ratio used below.
-  return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
-
-
-def get_named_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
-  """ADM's float64 beta schedule ``"linear"`` or ``"cosine"`` with ``num_timesteps`` steps."""
-  num_timesteps = _check_num_timesteps(num_timesteps)
-  if name == "linear":
-    # DDPM Sec. 4 linear schedule 1e-4 .. 0.02 for T=1000, rescaled to any T as ADM does.
-    scale = 1000 / num_timesteps
-    return np.linspace(scale * 0.0001, scale * 0.02, num_timesteps, dtype=np.float64)
-  if name == "cosine":
-    # IDDPM Eq. 17 discretised: beta_t = min(1 - alpha_bar(t+1)/alpha_bar(t), 0.999).
-    # Evaluated with python's math (not vectorised numpy) to be bit-identical to ADM.
-    t_grid = num_timesteps
-    betas = [
-        min(1.0 - _cosine_alpha_bar((i + 1) / t_grid) / _cosine_alpha_bar(i / t_grid), 0.999)
-        for i in range(t_grid)
-    ]
-    return np.array(betas, dtype=np.float64)
-  raise ValueError(f"Unknown beta schedule {name!r}; allowed schedules are {list(BETA_SCHEDULES)}.")
-
-
-def _ddim_counts(num_timesteps: int) -> list[int]:
-  """Step counts achievable with ADM's "ddimN" integer-stride rule."""
-  return sorted({len(range(0, num_timesteps, k)) for k in range(1, num_timesteps)})
-
-
-def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> list[int]:
-  """Sorted original-grid timesteps kept by ADM respacing ("ddimN", "10,20,30" or a list)."""
-  num_timesteps = _check_num_timesteps(num_timesteps)
-  if isinstance(section_counts, str):
-    spec = section_counts.strip()
-    if spec.startswith("ddim"):
-      try:
-        desired = int(spec[len("ddim"):])
-      except ValueError:
-        raise ValueError(
-            f"Bad respacing {section_counts!r}: 'ddimN' needs an integer N, e.g. 'ddim50'."
-        ) from None
-      # DDIM paper's fixed striding: the smallest integer stride giving exactly N steps.
-      for stride in range(1, num_timesteps):
-        if len(range(0, num_timesteps, stride)) == desired:
-          return list(range(0, num_timesteps, stride))
-      allowed = _ddim_counts(num_timesteps)
-      if len(allowed) > 20:
-        below = [c for c in allowed if c < desired]
-        above = [c for c in allowed if c > desired]
-        hint = (
-            f"the nearest achievable counts are {below[-1] if below else None} and "
-            f"{above[0] if above else None}"
-        )
-      else:
-        hint = f"achievable counts are {allowed}"
-      raise ValueError(
-          f"Bad respacing {section_counts!r}: no integer stride over {num_timesteps} "
-          f"timesteps gives exactly {desired} steps ({hint})."
-      )
-    try:
-      counts = [int(c) for c in spec.split(",")]
-    except ValueError:
-      raise ValueError(
-          f"Bad respacing {section_counts!r}: expected 'ddimN' or comma-separated "
-          "integer section counts such as '10,20,30'."
-      ) from None
-  else:
-    counts = [int(c) for c in section_counts]
-    if any(c != s for c, s in zip(counts, section_counts)):
-      raise ValueError(f"Bad respacing {section_counts!r}: section counts must be integers.")
-    if len(counts) == 0:
-      raise ValueError("Bad respacing []: at least one section count is required.")
-
-  # IDDPM Sec. 4 (Eq. 19): split [0, T) into len(counts) near-equal sections and take
-  # `count` evenly spaced (rounded) steps from each, both section ends included.
-  size_per, extra = divmod(num_timesteps, len(counts))
-  start = 0
-  kept: list[int] = []
-  for i, count in enumerate(counts):
-    size = size_per + (1 if i < extra else 0)
-    if count < 0 or count > size:
-      raise ValueError(
-          f"Bad respacing {section_counts!r}: section {i} covers {size} of the "
-          f"{num_timesteps} timesteps, so its count must be between 0 and {size}, got {count}."
-      )
-    stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
-    pos = 0.0
-    for _ in range(count):
-      kept.append(start + round(pos))  # python's round, as ADM
-      pos += stride
-    start += size
-  if not kept:
-    raise ValueError(f"Bad respacing {section_counts!r}: it keeps no timesteps at all.")
-  return sorted(set(kept))
 
 
 # ----------------------------------------------------------------------------------------
@@ -206,63 +101,6 @@ def ddim_update(x0: jnp.ndarray, eps: jnp.ndarray, alpha_bar_prev: Any, sigma: A
   (DDIM Eq. 12; σ = 0 is the deterministic step); add σ·z for η > 0."""
   ab_prev, sig = per_example(alpha_bar_prev, x0), per_example(sigma, x0)
   return jnp.sqrt(ab_prev) * x0 + jnp.sqrt(1.0 - ab_prev - sig ** 2) * eps
-
-
-# ----------------------------------------------------------------------------------------
-# Likelihood helpers (ADM losses.py)
-# ----------------------------------------------------------------------------------------
-
-
-def mean_flat(x: jnp.ndarray) -> jnp.ndarray:
-  """Mean over all non-batch axes."""
-  x = jnp.asarray(x)
-  return jnp.mean(x, axis=tuple(range(1, x.ndim)))
-
-
-def normal_kl(mean1: Any, logvar1: Any, mean2: Any, logvar2: Any) -> jnp.ndarray:
-  """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats (broadcasting)."""
-  mean1, logvar1, mean2, logvar2 = (jnp.asarray(a) for a in (mean1, logvar1, mean2, logvar2))
-  # Closed-form Gaussian KL (used for L_{t-1}, IDDPM Eq. 6 / DDPM Eq. 5). Term order mirrors
-  # ADM so float32 rounding matches.
-  return 0.5 * (
-      -1.0
-      + logvar2
-      - logvar1
-      + jnp.exp(logvar1 - logvar2)
-      + ((mean1 - mean2) ** 2) * jnp.exp(-logvar2)
-  )
-
-
-def approx_standard_normal_cdf(x: jnp.ndarray) -> jnp.ndarray:
-  """Tanh approximation of the standard normal CDF used by DDPM/ADM."""
-  x = jnp.asarray(x)
-  return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-
-
-def discretized_gaussian_log_likelihood(
-    x: jnp.ndarray, means: jnp.ndarray, log_scales: jnp.ndarray
-) -> jnp.ndarray:
-  """Elementwise log-likelihood (nats) of [-1, 1] images (256 bins) under a discretised Gaussian."""
-  x, means, log_scales = jnp.asarray(x), jnp.asarray(means), jnp.asarray(log_scales)
-  if not (x.shape == means.shape == log_scales.shape):
-    raise ValueError(
-        f"x, means and log_scales must share a shape, got {x.shape}, {means.shape}, "
-        f"{log_scales.shape}."
-    )
-  # DDPM Eq. 13: each of the 256 levels owns a bin of width 2/255; the outermost bins
-  # extend to -inf / +inf.
-  centered = x - means
-  inv_std = jnp.exp(-log_scales)
-  cdf_plus = approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
-  cdf_min = approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
-  log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
-  log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
-  log_cdf_delta = jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))
-  return jnp.where(
-      x < -0.999,
-      log_cdf_plus,
-      jnp.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta),
-  )
 
 
 # ----------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ class ConsistencySettings:
 
   @property
   def enabled(self) -> bool:
+    """Whether the step trains a consistency model."""
     return self.mode != "none"
 
 

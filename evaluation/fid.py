@@ -209,15 +209,11 @@ class ReferenceStatistics:
   provenance: dict
 
 
-def save_statistics(path: str, pool: FIDStatistics, spatial: FIDStatistics | None = None,
-                    provenance: dict | None = None) -> str:
-  """Writes `mu`, `sigma` (pytorch-fid's names), `mu_s`, `sigma_s` (ADM's) and JSON provenance.
-
-  pytorch-fid and ADM's evaluator both read such a file (they ignore keys they do not know).
-  Returns the file's sha256.
-  """
-  from evaluation.inception import file_sha256  # Light import; no jax work.
-
+def statistics_arrays(pool: FIDStatistics, spatial: FIDStatistics | None = None,
+                      provenance: dict | None = None) -> dict[str, np.ndarray]:
+  """The arrays of a statistics file: `mu`, `sigma` (pytorch-fid's names), `mu_s`, `sigma_s`
+  (ADM's) and the JSON provenance. pytorch-fid and ADM's evaluator both read such a file (they
+  ignore keys they do not know); `modes.statistics_file.save_statistics` writes it."""
   record = dict(pool.provenance)
   record.update(provenance or {})
   record.setdefault("count", pool.count)
@@ -226,10 +222,7 @@ def save_statistics(path: str, pool: FIDStatistics, spatial: FIDStatistics | Non
             "provenance": np.asarray(json.dumps(record, sort_keys=True, default=str))}
   if spatial is not None:
     arrays.update(mu_s=spatial.mu, sigma_s=spatial.sigma)
-  os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-  with open(path, "wb") as f:  # A file object keeps np.savez from appending ".npz".
-    np.savez(f, **arrays)
-  return file_sha256(path)
+  return arrays
 
 
 def load_statistics(path: str) -> ReferenceStatistics:

@@ -92,11 +92,6 @@ def load_reference(path: str, weights: Any = None,
   return Reference(pool, spatial, feats["pool"], record)
 
 
-def save_reference(path: str, reference: Reference) -> str:
-  """Writes a reference's statistics and provenance (see `fid.save_statistics`); returns sha256."""
-  return fid.save_statistics(path, reference.pool, reference.spatial, reference.provenance)
-
-
 _PIPELINE_KEYS = ("weights_sha256", "resize_rule")
 
 

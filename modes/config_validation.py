@@ -1,49 +1,14 @@
 """Start-up checks of a configuration: each failure names the key, the value and what is allowed."""
 
 import os
-from typing import Any, Iterable
 
 import ml_collections
 
 from modes import data as data_lib
-from modes.errors import ConfigError
-
-
-def _fail(key: str, value: Any, allowed: str) -> None:
-  raise ConfigError(f"config.{key} = {value!r} is not allowed: {allowed}.")
-
-
-def _check_choice(config: ml_collections.ConfigDict, key: str, choices: Iterable[str]) -> None:
-  value = _get(config, key)
-  choices = tuple(choices)
-  if value not in choices:
-    _fail(key, value, "use one of " + ", ".join(repr(c) for c in choices))
-
-
-def _check_int(config, key: str, minimum: int) -> None:
-  value = _get(config, key)
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    _fail(key, value, f"use an integer ≥ {minimum}")
-
-
-def _check_float(config, key: str, low: float, high: float, *, low_open: bool = False,
-                 high_open: bool = False) -> None:
-  value = _get(config, key)
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
-    _fail(key, value, "use a number")
-  too_low = value <= low if low_open else value < low
-  too_high = value >= high if high_open else value > high
-  if too_low or too_high:
-    lo = "(" if low_open else "["
-    hi = ")" if high_open else "]"
-    _fail(key, value, f"use a number in {lo}{low}, {high}{hi}")
-
-
-def _get(config, key: str) -> Any:
-  node = config
-  for part in key.split("."):
-    node = node[part]
-  return node
+from modes.config_checks import check_choice as _check_choice
+from modes.config_checks import check_float as _check_float
+from modes.config_checks import check_int as _check_int
+from modes.config_checks import fail as _fail
 
 
 # The config sections each mode reads (and so validates).
@@ -67,6 +32,9 @@ def validate_config(config: ml_collections.ConfigDict, mode: str | None = None) 
   """Raises ConfigError with one sentence for the first bad value found in the sections that
   `mode` reads (None: every section)."""
   _check_int(config, "seed", 0)
+  if mode == "story" and (config.adversarial.mode == "none" or config.consistency.mode != "none"):
+    _fail("adversarial.mode", config.adversarial.mode, "--mode=story fine-tunes a diffusion "
+          "model with AT: use adversarial.mode 'fast' or 'pgd' and consistency.mode 'none'")
   sections = MODE_SECTIONS[mode] if mode else tuple(_VALIDATORS)
   for name in _VALIDATORS:
     if name in sections:
@@ -160,7 +128,9 @@ def _validate_train(config) -> None:
   _check_int(config, "train.sample_grid_size", 1)
   if t.init_from_step < -1:
     _fail("train.init_from_step", t.init_from_step, "use -1 (latest) or a checkpoint step ≥ 0")
-  _check_choice(config, "train.on_nonfinite", ("skip", "stop"))
+  from modes.train import ON_NONFINITE
+
+  _check_choice(config, "train.on_nonfinite", ON_NONFINITE)
   _check_float(config, "train.preemption_grace_seconds", 0.0, 86400.0, low_open=True)
 
 
@@ -259,9 +229,7 @@ def _validate_story(config) -> None:
     _fail("story.methods", st.methods, f"use a non-empty tuple of {list(METHODS[:-1])}")
   if not st.nfes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in st.nfes):
     _fail("story.nfes", st.nfes, "use a non-empty tuple of positive integers")
-  if config.adversarial.mode == "none" or config.consistency.mode != "none":
-    _fail("adversarial.mode", config.adversarial.mode, "--mode=story fine-tunes a diffusion "
-          "model with AT: use adversarial.mode 'fast' or 'pgd' and consistency.mode 'none'")
+
 
 
 def _validate_robustness(config) -> None:
@@ -304,12 +272,14 @@ def _validate_sampling(config) -> None:
 
 
 def _validate_evaluation(config) -> None:
-  _check_choice(config, "evaluation.resize_rule", ("tf1_bilinear", "pytorch_bilinear"))
+  from evaluation import fid, preprocess
+
+  _check_choice(config, "evaluation.resize_rule", preprocess.RESIZE_RULES)
   _check_int(config, "evaluation.batch_size", 1)
   _check_int(config, "evaluation.max_reference_images", 0)
   if config.evaluation.max_reference_images == 1:
     _fail("evaluation.max_reference_images", 1, "FID needs at least 2 images; use 0 (all) or ≥ 2")
-  _check_choice(config, "evaluation.fid_method", ("sqrtm", "eigh"))
+  _check_choice(config, "evaluation.fid_method", fid.FRECHET_METHODS)
 
 
 def _validate_torch_io(config) -> None:

@@ -19,6 +19,7 @@ from absl import logging
 from modes import data as data_lib
 from modes.config_validation import validate_config
 from evaluation import metrics
+from modes import statistics_file
 
 
 def reference_path(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -54,7 +55,7 @@ def run_fid_stats(config: ml_collections.ConfigDict, workdir: str) -> str:
   record = dict(pool.provenance, dataset=d.dataset, split=d.split,
                 data_dir=d.data_dir or "TFDS default")
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  metrics.save_reference(path, metrics.Reference(pool, spatial, None, record))
+  statistics_file.save_reference(path, metrics.Reference(pool, spatial, None, record))
   logging.info("Wrote reference statistics of %d %s/%s images to %s.", images.shape[0],
                d.dataset, d.split, path)
   return path

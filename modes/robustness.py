@@ -17,11 +17,11 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
-from modes import table as tables
+from modes import table as table_mode
 from modes.config_validation import validate_config
 from adv_diffusion.diffusion import GaussianDiffusion
-from sampling import perturbations as robustness
-from modes import sample as generate
+from sampling import perturbations
+from modes import sample as sample_mode
 from sampling.ddim import respaced_diffusion, sample_ddim
 from sampling.registry import Sampler
 
@@ -36,13 +36,13 @@ def ddim_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def attacked_sampler(config: ml_collections.ConfigDict, kind: str, rho: float) -> Sampler:
   """The DDIM sampler of `ddim_config(config)` with x_t perturbed at the attack steps."""
   r, diff = config.robustness, config.diffusion
-  plain = generate.build_sampler(ddim_config(config))
+  plain = sample_mode.build_sampler(ddim_config(config))
   steps = respaced_diffusion(diff.noise_schedule, diff.num_timesteps, r.nfe,
                              plain.options["spacing"])
   alphas_cumprod = GaussianDiffusion.create(diff.noise_schedule, diff.num_timesteps).alphas_cumprod
 
   def sample(model_fn, noise: jax.Array, keys: jax.Array | None = None) -> jax.Array:
-    perturb = robustness.trajectory_perturbation(
+    perturb = perturbations.trajectory_perturbation(
         model_fn, kind, rho, tuple(r.attack_steps), r.nfe, alphas_cumprod, keys,
         pgd_steps=r.pgd_steps)
     return sample_ddim(model_fn, noise, steps, keys, eta=plain.options["eta"],
@@ -63,7 +63,7 @@ def cell_grid(config: ml_collections.ConfigDict) -> list[tuple[str, str, str, fl
   """(label, workdir, kind, ρ) of every cell; kind "none" with ρ = 0 is the clean sampler."""
   r = config.robustness
   cells = []
-  for label, workdir in tables.parse_runs(r.runs or config.table.runs):
+  for label, workdir in table_mode.parse_runs(r.runs or config.table.runs):
     cells.append((label, workdir, "none", 0.0))
     cells.extend((label, workdir, kind, float(rho)) for kind in r.kinds for rho in r.budgets)
   return cells
@@ -75,13 +75,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   validate_config(config, "robustness")
   r = config.robustness
   out_dir = os.path.join(workdir, "robustness")
-  reference = tables.reference_statistics(config, workdir)
+  reference = table_mode.reference_statistics(config, workdir)
   attack_steps = tuple(r.attack_steps)
 
   def cell(label: str, run_dir: str, kind: str, rho: float) -> tuple[str, str, Callable]:
     def compute() -> dict[str, Any]:
       attacked = kind != "none"
-      scores = tables.score_samples(
+      scores = table_mode.score_samples(
           ddim_config(config), run_dir, reference, r.num_samples,
           sampler=attacked_sampler(config, kind, rho) if attacked else None,
           tag_suffix=_attack_suffix(kind, rho, attack_steps) if attacked else "")
@@ -89,7 +89,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
               "attack_steps": list(attack_steps) if attacked else [], **scores}
     return (f"{label}_{kind}_rho{rho:g}", f"{label} {kind} ρ = {rho:g}", compute)
 
-  results = tables.fill_cells([cell(*c) for c in cell_grid(config)],
+  results = table_mode.fill_cells([cell(*c) for c in cell_grid(config)],
                               os.path.join(out_dir, "cells"))
   write_outputs(results, out_dir)
   return os.path.join(out_dir, "robustness.md")
@@ -97,11 +97,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 def write_outputs(results: list[dict], out_dir: str) -> None:
   """robustness.csv (one row per cell), robustness.md (run × kind by ρ) and fid_vs_budget.png."""
-  tables.write_csv(os.path.join(out_dir, "robustness.csv"),
-                   ["run", "kind", "rho", "nfe", "attack_steps", "num_samples", *tables.METRICS],
+  table_mode.write_csv(os.path.join(out_dir, "robustness.csv"),
+                   ["run", "kind", "rho", "nfe", "attack_steps", "num_samples", *table_mode.METRICS],
                    [[r["label"], r["kind"], r["rho"], r["nfe"],
                      " ".join(map(str, r["attack_steps"])), r["num_samples"],
-                     *tables.metric_values(r)] for r in results])
+                     *table_mode.metric_values(r)] for r in results])
   clean = {r["label"]: r for r in results if r["kind"] == "none"}
   budgets = sorted({r["rho"] for r in results})
   by_row: dict[tuple[str, str], dict[float, dict]] = {}
@@ -114,13 +114,13 @@ def write_outputs(results: list[dict], out_dir: str) -> None:
   title = (f"FID under trajectory perturbation (DDIM NFE {results[0]['nfe']}, x_t perturbed "
            f"at steps {', '.join(map(str, steps))}; {counts} samples per cell; "
            "‖δ‖₂ ≤ ρ·sqrt(d))")
-  markdown = tables.markdown_grid(
+  markdown = table_mode.markdown_grid(
       title, ["run", "perturbation"], [f"ρ = {b:g}" for b in budgets],
       {key: [f"{row[b]['fid']:.2f}" if b in row else "" for b in budgets]
        for key, row in by_row.items()})
   with open(os.path.join(out_dir, "robustness.md"), "w") as f:
     f.write(markdown)
-  tables.plot_lines({f"{label} / {kind}": {b: r["fid"] for b, r in row.items()}
+  table_mode.plot_lines({f"{label} / {kind}": {b: r["fid"] for b, r in row.items()}
                      for (label, kind), row in by_row.items()},
                     "perturbation budget ρ (per-pixel RMS of δ)",
                     os.path.join(out_dir, "fid_vs_budget.png"), log_x=False)

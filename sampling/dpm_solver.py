@@ -43,6 +43,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpy.typing import ArrayLike
 
 from adv_diffusion.diffusion import GaussianDiffusion, x0_from_eps
 
@@ -121,29 +122,29 @@ class DiscreteVPSchedule:
     """Continuous times t_i = (i + 1)/N of the grid points."""
     return np.linspace(0.0, 1.0, self.total_n + 1)[1:]
 
-  def marginal_log_alpha(self, t) -> np.ndarray:
+  def marginal_log_alpha(self, t: ArrayLike) -> np.ndarray:
     """log α_t by linear interpolation of ½ log ᾱ between grid points."""
     return _interp(t, self.t_array, self.log_alpha_array)
 
-  def marginal_alpha(self, t) -> np.ndarray:
+  def marginal_alpha(self, t: ArrayLike) -> np.ndarray:
     """α_t = sqrt(ᾱ) at continuous time t."""
     return np.exp(self.marginal_log_alpha(t))
 
-  def marginal_std(self, t) -> np.ndarray:
+  def marginal_std(self, t: ArrayLike) -> np.ndarray:
     """σ_t = sqrt(1 - α_t²) (VP)."""
     return np.sqrt(-np.expm1(2.0 * self.marginal_log_alpha(t)))
 
-  def marginal_lambda(self, t) -> np.ndarray:
+  def marginal_lambda(self, t: ArrayLike) -> np.ndarray:
     """Half log-SNR λ_t = log α_t - log σ_t (DPM-Solver Sec. 3.1)."""
     log_alpha = self.marginal_log_alpha(t)
     return log_alpha - 0.5 * np.log(-np.expm1(2.0 * log_alpha))
 
-  def inverse_lambda(self, lam) -> np.ndarray:
+  def inverse_lambda(self, lam: ArrayLike) -> np.ndarray:
     """t with λ_t = lam: log α = -½ log(1 + e^{-2λ}), then invert the interpolation."""
     log_alpha = -0.5 * np.logaddexp(0.0, -2.0 * np.asarray(lam, np.float64))
     return _interp(log_alpha, self.log_alpha_array[::-1], self.t_array[::-1])
 
-  def model_time(self, t) -> np.ndarray:
+  def model_time(self, t: ArrayLike) -> np.ndarray:
     """Original-grid timestep τ told to the network for continuous time t."""
     t = np.asarray(t, np.float64)
     scale = self.total_n if self.model_time_scale is None else self.model_time_scale

@@ -23,6 +23,7 @@ from sklearn.datasets import load_digits
 from evaluation import convert_inception, features, fid, inception, inception_score, metrics
 from evaluation import preprocess
 from evaluation.errors import EvaluationError
+from modes import statistics_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -468,7 +469,7 @@ def test_statistics_files_round_trip_and_foreign_formats(tmp_path, pipeline_feat
   pool = fid.compute_statistics(ours["pool"][:10], provenance={"resize_rule": "x"})
   spatial = fid.compute_statistics(ours["spatial"][:10])
   path = str(tmp_path / "ref.npz")
-  sha = fid.save_statistics(path, pool, spatial, {"weights_sha256": "abc"})
+  sha = statistics_file.save_statistics(path, pool, spatial, {"weights_sha256": "abc"})
   loaded = fid.load_statistics(path)
   assert loaded.sha256 == sha == inception.file_sha256(path)
   np.testing.assert_array_equal(loaded.pool.sigma, pool.sigma)
@@ -505,7 +506,7 @@ def test_evaluate_from_an_adm_reference_batch(weights, tmp_path):
   assert p["num_samples"] == 10 and p["checkpoint_step"] == 7
   # Statistics saved with one pipeline are refused by another.
   saved = str(tmp_path / "ref_stats.npz")
-  metrics.save_reference(saved, reference)
+  statistics_file.save_reference(saved, reference)
   with pytest.raises(EvaluationError, match="resize_rule"):
     metrics.evaluate(images, saved, weights, resize_rule="pytorch_bilinear", progress=False)
 

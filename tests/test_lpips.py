@@ -20,7 +20,7 @@ from evaluation import lpips as lpips_jax
 from evaluation.errors import EvaluationError
 from tests import run_utils
 from tests.configs import tiny_digits
-from tests.test_adversarial import _step_setup
+from tests.test_train_step import _step_setup
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -217,7 +217,7 @@ def test_cd_train_step_with_lpips(reference):
     _, _, _, _, state, batch, step = _step_setup(
         optax.sgd(1.0), consistency=dict(mode="distill", teacher="unused", num_scales=10,
                                           **extra))
-    # The l2 run is test_consistency's plain CD step (one program, compiled once per cache).
+    # The l2 run is test_train_step's plain CD step (one program, compiled once per cache).
     frozen = (params,) if name == "lpips" else ()
     runs[name] = step(jax.tree.map(jnp.copy, state), batch, key, state.params, *frozen)
   (lp_state, lp), (_, l2) = runs["lpips"], runs["l2"]

@@ -7,7 +7,7 @@ import numpy as np
 
 from sampling import perturbations as robustness
 from sampling.ddim import respaced_diffusion, sample_ddim
-from tests.test_consistency import T, GaussianProblem
+from tests.gaussian_problem import T, GaussianProblem
 
 
 def test_pgd_raises_the_denoising_error_more_than_random_noise_within_budget():

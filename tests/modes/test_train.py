@@ -131,3 +131,30 @@ def test_init_from_keeps_weights_and_ema_with_a_fresh_optimizer(tmp_path, traine
   with pytest.raises(ckpt_lib.CheckpointError, match="step 99"):
     train.restore_or_init(config, fresh, ckpt_lib.Checkpointer(
         str(tmp_path / "other" / "checkpoints"), save_every=1, keep=1, async_save=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Adversarial-training runs: device-count invariance and exact resume with a carried δ
+# ---------------------------------------------------------------------------------------------
+
+AT_OVERRIDES = ("--config.adversarial.mode=fast", "--config.adversarial.num_replays=2",
+                "--config.adversarial.init=carry", "--config.optim.learning_rate=1e-4",
+                "--config.train.async_checkpointing=False", "--config.train.checkpoint_every=2")
+
+
+def test_at_runs_equal_on_one_and_eight_devices_and_resume_exactly(tmp_path):
+  run_utils.run_main(str(tmp_path / "one"), *AT_OVERRIDES, "--config.train.num_steps=4")
+  run_utils.run_main(str(tmp_path / "eight"), *AT_OVERRIDES, "--config.train.num_steps=4",
+                     num_devices=8)
+  # As if stopped after checkpoint 2; resumed to 4 in a new process: δ comes back from it.
+  run_utils.copy_as_stopped_at(str(tmp_path / "one"), str(tmp_path / "resumed"), 2)
+  run_utils.run_main(str(tmp_path / "resumed"), *AT_OVERRIDES, "--config.train.num_steps=4")
+  one = run_utils.read_checkpoint(str(tmp_path / "one"), 4)
+  eight = run_utils.read_checkpoint(str(tmp_path / "eight"), 4)
+  resumed = run_utils.read_checkpoint(str(tmp_path / "resumed"), 4)
+  assert int(one["train"]["num_updates"]) == 8
+  assert float(np.abs(one["train"]["delta"]).max()) > 0  # δ is carried and non-trivial
+  assert run_utils.max_abs_diff(one["model"], eight["model"]) <= 1e-5
+  assert run_utils.max_abs_diff(one["train"]["delta"], eight["train"]["delta"]) <= 1e-4
+  assert run_utils.max_abs_diff(one["model"], resumed["model"]) == 0.0
+  assert run_utils.max_abs_diff(one["train"], resumed["train"]) == 0.0

@@ -1,0 +1,180 @@
+"""adv_diffusion/train_step.py: the step's δ-search variants (clean, Free-AT replays, PGD), its
+minibatch inputs (ADM-IP) and a consistency-distillation step, built from `StepSettings`."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from adv_diffusion import losses
+from adv_diffusion import train_step as step_lib
+from modes import parallel, train
+from modes.factories import (create_diffusion, create_optimizer, create_unet,
+                             learning_rate_schedule, step_settings)
+from tests import run_utils
+from tests.configs import tiny_digits
+
+
+def _step_setup(tx=None, consistency: dict | None = None, **adv):
+  """A tiny UNet, the step's settings, a train state, one batch and the jitted step for the
+  given AT settings (`adv`: fields of `AdversarialSettings`) and `config.consistency`
+  overrides (the perturbed params then also start the target).
+
+  `tx` replaces AdamW: tests that compare two computations of the same update use plain SGD,
+  because Adam's first update is ±lr for any non-zero gradient and so blows float32 rounding
+  noise of mathematically-zero gradients (biases of convs feeding a GroupNorm) up to lr.
+  """
+  config = tiny_digits.get_config()
+  config.train.batch_size = 8
+  config.consistency.update(consistency or {})
+  settings = step_settings(config)
+  settings = dataclasses.replace(settings,
+                                 adversarial=dataclasses.replace(settings.adversarial, **adv))
+  mesh = parallel.make_mesh()
+  model = create_unet(config)
+  diffusion = create_diffusion(config)
+  tx = tx or create_optimizer(config.optim)
+  init = functools.partial(
+      step_lib.init_train_state, model, tx, settings=settings,
+      image_shape=train.image_shape(config), batch_size=config.train.batch_size,
+      num_timesteps=config.diffusion.num_timesteps,
+      timestep_history=config.diffusion.sampler_history)
+  key = jax.random.key(0)
+  state = jax.jit(init, out_shardings=train.state_shardings(jax.eval_shape(init, key), mesh))(key)
+  # Move the zero-initialised output layers so that δ has a gradient from the first step.
+  state = state.replace(params=jax.tree.map(
+      lambda p: p + 0.02 * jax.random.normal(jax.random.key(3), p.shape), state.params))
+  state = state.replace(ema_params=tuple(state.params for _ in state.ema_params))
+  if state.target_params is not None:
+    state = state.replace(target_params=state.params)
+  rng = np.random.default_rng(0)
+  batch = parallel.global_batch_from_local(
+      {"image": rng.integers(0, 256, (8, 16, 16, 1), dtype=np.uint8),
+       "label": np.zeros((8,), np.int32)}, mesh)
+  step = jax.jit(functools.partial(step_lib.train_step, model=model, diffusion=diffusion, tx=tx,
+                                   settings=settings,
+                                   learning_rate_fn=learning_rate_schedule(config.optim)))
+  return settings, model, diffusion, tx, state, batch, step
+
+
+def _copy(tree):
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def test_single_replay_is_the_clean_step():
+  # Same t, ε, dropout mask and input: the update equals the clean one up to float32 rounding
+  # (computing ∂L/∂δ in the same program changes XLA's fusion, ~1 ulp in the loss). Bit
+  # equality is not attainable for that reason; `mode="none"` is the clean step itself.
+  sgd = optax.sgd(1.0)  # params_new = params − grad: the comparison sees the gradients
+  _, _, _, _, state, batch, clean_step = _step_setup(tx=sgd, mode="none")
+  _, _, _, _, _, _, fast_step = _step_setup(tx=sgd, mode="fast", num_replays=1)
+  key = jax.random.key(42)
+  clean, clean_metrics = clean_step(_copy(state), batch, key)
+  fast, metrics = fast_step(_copy(state), batch, key)
+  assert float(metrics["loss"]) == pytest.approx(float(clean_metrics["loss"]), rel=1e-6)
+  moved = run_utils.max_abs_diff(clean.params, state.params)
+  assert moved > 1e-3
+  assert run_utils.max_abs_diff(clean.params, fast.params) <= 1e-6 * max(1.0, moved)
+  assert run_utils.max_abs_diff(list(clean.ema_params), list(fast.ema_params)) <= 1e-6
+  assert run_utils.max_abs_diff(clean.sampler_state, fast.sampler_state) <= 1e-6
+  assert int(fast.num_updates) == int(clean.num_updates) == 1
+
+
+def test_three_replays_make_three_updates_and_step_size_zero_is_three_clean_updates():
+  settings, model, diffusion, tx, state, batch, fast_step = _step_setup(
+      tx=optax.sgd(0.1), mode="fast", num_replays=3, step_size=0.0)
+  key = jax.random.key(42)
+  new, metrics = fast_step(_copy(state), batch, key)
+  assert int(new.step) == 1 and int(new.num_updates) == 3
+  assert int(metrics["optimizer_updates"]) == 3
+  assert float(metrics["delta_l2_max"]) == 0.0
+
+  # Replay the three clean updates by hand with the same t, ε and per-replay dropout keys.
+  step_key = jax.random.fold_in(key, state.step)
+  inputs, dropout_key = step_lib.minibatch_inputs(state, batch, step_key, diffusion, settings)
+
+  def apply_fn(p, x, ts, labels, k):
+    return model.apply({"params": p}, x, ts, labels, train=True, rngs={"dropout": k})
+
+  manual, params_seen = _copy(state), []
+  for r, k in enumerate(step_lib.replay_dropout_keys(dropout_key, 3)):
+    grads = jax.grad(lambda p: losses.diffusion_loss(
+        p, jnp.zeros_like(inputs.x_t), inputs, k, apply_fn=apply_fn, diffusion=diffusion,
+        learn_sigma=True, loss_type="rescaled_mse")[0])(manual.params)
+    manual = step_lib.apply_gradients(manual, grads, tx, settings.ema_rates)
+    params_seen.append(manual.params)
+  assert run_utils.max_abs_diff(manual.params, new.params) <= 1e-6
+  # EMA arithmetic: three EMA updates, e3 = r³e0 + (1−r)(r²p1 + r·p2 + p3), for each rate.
+  for rate, ema0, ema3 in zip(settings.ema_rates, state.ema_params, new.ema_params):
+    expected = jax.tree.map(
+        lambda e, p1, p2, p3: rate ** 3 * e + (1 - rate) * (rate ** 2 * p1 + rate * p2 + p3),
+        ema0, *params_seen)
+    assert run_utils.max_abs_diff(expected, ema3) <= 1e-6
+
+
+def test_fast_step_moves_delta_and_reports_its_metrics():
+  _, _, _, _, state, batch, fast_step = _step_setup(mode="fast", num_replays=3, step_size=0.1)
+  new, m = fast_step(_copy(state), batch, jax.random.key(1))
+  assert int(new.opt_state[0].count) == 3  # AdamW's own update counter: 3 updates
+  # δ of the last replay took K − 1 = 2 normalised steps of length 0.1 (ball radius 1.6).
+  assert 0.1 < float(m["delta_l2_mean"]) <= 0.2 + 1e-5
+  assert float(m["delta_l2_max"]) <= 0.2 + 1e-5
+  assert float(m["grad_delta_l2_mean"]) > 0
+  assert float(m["target_shift_rms"]) > 0
+  assert np.isfinite(float(m["loss_delta0"])) and np.isfinite(float(m["loss_final_delta"]))
+
+
+def test_pgd_makes_one_update_per_minibatch():
+  _, _, _, _, state, batch, pgd_step = _step_setup(mode="pgd", pgd_steps=3, step_size=0.1)
+  new, m = pgd_step(_copy(state), batch, jax.random.key(1))
+  assert int(new.num_updates) == 1 and int(new.step) == 1
+  # Three normalised steps of 0.1: at most 0.3, more than one step (the direction turns between
+  # steps: each ascent step draws its own dropout mask).
+  assert 0.1 < float(m["delta_l2_mean"]) <= 0.3 + 1e-5
+  assert float(m["loss_final_delta"]) > float(m["loss_delta0"])  # ascent raised the loss
+
+
+def test_input_perturbation_builds_x_t_from_perturbed_noise_and_keeps_the_target():
+  settings, _, diffusion, _, state, batch, _ = _step_setup()
+  key = jax.random.key(5)
+  clean_inputs, _ = step_lib.minibatch_inputs(state, batch, key, diffusion, settings)
+  ip_settings = dataclasses.replace(settings, input_perturbation=0.15)
+  ip_inputs, _ = step_lib.minibatch_inputs(state, batch, key, diffusion, ip_settings)
+  np.testing.assert_array_equal(ip_inputs.noise, clean_inputs.noise)  # target ε unchanged
+  xi = losses.input_perturbation_noise(clean_inputs.noise, jax.random.fold_in(key, 1001), 0.15)
+  np.testing.assert_allclose(ip_inputs.x_t, diffusion.q_sample(clean_inputs.x_start,
+                                                               clean_inputs.t, xi), atol=1e-6)
+  assert float(jnp.max(jnp.abs(ip_inputs.x_t - clean_inputs.x_t))) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Consistency distillation
+# ---------------------------------------------------------------------------------------------
+
+
+def _cd_step_setup(tx, **adv):
+  """Tiny UNet CD whose teacher, student and target network are one perturbed init."""
+  settings, model, diffusion, _, state, batch, step = _step_setup(
+      tx, consistency=dict(mode="distill", teacher="unused", num_scales=10), **adv)
+  return settings, model, diffusion, state, state.params, batch, step
+
+
+def test_pgd_with_step_size_zero_is_plain_cd_and_target_follows_the_ema():
+  sgd = optax.sgd(1.0)
+  _, _, _, state, teacher, batch, plain = _cd_step_setup(sgd, mode="none")
+  _, _, _, _, _, _, at_zero = _cd_step_setup(sgd, mode="pgd", pgd_steps=2, step_size=0.0)
+  key = jax.random.key(5)
+  copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)  # noqa: E731
+  a, metrics_a = plain(copy(state), batch, key, teacher)
+  b, metrics_b = at_zero(copy(state), batch, key, teacher)
+  moved = run_utils.max_abs_diff(a.params, state.params)
+  assert moved > 1e-4
+  assert float(metrics_a["loss"]) == float(metrics_b["loss"])
+  assert run_utils.max_abs_diff(a.params, b.params) == 0.0
+  # θ⁻ ← 0.95·θ⁻ + 0.05·θ after the update (config default μ = 0.95).
+  expected_target = jax.tree.map(lambda t, p: 0.95 * t + 0.05 * p, state.target_params, a.params)
+  assert run_utils.max_abs_diff(a.target_params, expected_target) <= 1e-6  # 1 ulp at |θ| ~ 1
