@@ -16,23 +16,37 @@ from modes import MODES, runner  # noqa: E402
 
 FLAGS = flags.FLAGS
 COMPILATION_CACHE = "~/.cache/adv_diffusion/xla"
-config_flags.DEFINE_config_file("config", None, "Path to a configs/<name>.py file.",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Path to a configs/<name>.py file.", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-flags.DEFINE_enum("mode", None, list(MODES),
-                 "What to run (default: config.mode): train; story (clean run → AT fine-tune and "
-                 "an equal-budget clean control → table, config.story); sample (config.sampling "
-                 "from the workdir's checkpoint); fid_stats (reference statistics of "
-                 "config.data); eval (FID of a sample set); table (config.table's grid of runs × "
-                 "samplers × NFE); robustness (FID against the budget of trajectory "
-                 "perturbations, config.robustness); import_torch / export_torch "
-                 "(guided-diffusion .pt files <-> the workdir, config.torch_io).")
-flags.DEFINE_string("coordinator_address", None,
-                    "Multi-host: host:port of process 0's coordinator (or JAX_COORDINATOR_ADDRESS).")
-flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (or JAX_NUM_PROCESSES).")
+flags.DEFINE_enum(
+    "mode",
+    None,
+    list(MODES),
+    "What to run (default: config.mode): train; story (clean run → AT fine-tune and "
+    "an equal-budget clean control → table, config.story); sample (config.sampling "
+    "from the workdir's checkpoint); fid_stats (reference statistics of "
+    "config.data); eval (FID of a sample set); table (config.table's grid of runs × "
+    "samplers × NFE); robustness (FID against the budget of trajectory "
+    "perturbations, config.robustness); import_torch / export_torch "
+    "(guided-diffusion .pt files <-> the workdir, config.torch_io).",
+)
+flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "Multi-host: host:port of process 0's coordinator (or JAX_COORDINATOR_ADDRESS).",
+)
+flags.DEFINE_integer(
+    "num_processes", None, "Multi-host: number of processes (or JAX_NUM_PROCESSES)."
+)
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index (or JAX_PROCESS_ID).")
-flags.DEFINE_bool("multihost", False, "Multi-host with the cluster detected by JAX (TPU pods, "
-                  "SLURM, Open MPI, Kubernetes) when no coordinator is given.")
+flags.DEFINE_bool(
+    "multihost",
+    False,
+    "Multi-host with the cluster detected by JAX (TPU pods, "
+    "SLURM, Open MPI, Kubernetes) when no coordinator is given.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -42,16 +56,26 @@ def parse_flags(argv: list[str]) -> list[str]:
     return FLAGS(argv)
   except flags.Error as exc:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    print(f"Error: {' '.join(lines[:1] + lines[-1:]) if len(lines) > 1 else lines[0]}",
-          file=sys.stderr)
+    print(
+        f"Error: {' '.join(lines[:1] + lines[-1:]) if len(lines) > 1 else lines[0]}",
+        file=sys.stderr,
+    )
   except (AttributeError, KeyError) as exc:
     found = re.search(r"'([A-Za-z0-9_]+)", str(exc))
     missing = found.group(1) if found else str(exc)
-    culprit = next((a.split("=")[0] for a in argv
-                    if a.startswith("--config.") and f".{missing}" in a.split("=")[0]),
-                   f"--config...{missing}")
-    print(f"Error: {culprit} names a config key that does not exist ({missing!r}); every key "
-          "is listed with a comment in configs/default.py.", file=sys.stderr)
+    culprit = next(
+        (
+            a.split("=")[0]
+            for a in argv
+            if a.startswith("--config.") and f".{missing}" in a.split("=")[0]
+        ),
+        f"--config...{missing}",
+    )
+    print(
+        f"Error: {culprit} names a config key that does not exist ({missing!r}); every key "
+        "is listed with a comment in configs/default.py.",
+        file=sys.stderr,
+    )
   sys.exit(1)
 
 
@@ -66,9 +90,11 @@ def main(argv):
   logging.get_absl_logger().addFilter(_quiet_library_logs)
   from modes import distributed
   from modes.errors import UserFacingError
+
   try:
-    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                           auto=FLAGS.multihost)
+    distributed.initialize(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, auto=FLAGS.multihost
+    )
   except UserFacingError as exc:
     print(f"Error: {exc}", file=sys.stderr)
     sys.exit(1)
@@ -85,15 +111,25 @@ def main(argv):
     config.keys()
   except OSError as exc:
     reason = [line.strip() for line in str(exc).splitlines() if line.strip()][-1]
-    print(f"Error: the --config file could not be loaded ({reason}); pass a file such as "
-          "configs/digits_adm.py.", file=sys.stderr)
+    print(
+        f"Error: the --config file could not be loaded ({reason}); pass a file such as "
+        "configs/digits_adm.py.",
+        file=sys.stderr,
+    )
     sys.exit(1)
-  logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
-               jax.process_count(), jax.devices())
+  logging.info(
+      "JAX %s, process %d/%d, devices: %s",
+      jax.__version__,
+      jax.process_index(),
+      jax.process_count(),
+      jax.devices(),
+  )
   mode = FLAGS.mode or config.get("mode", "train")
   if mode not in MODES:
-    print(f"Error: config.mode = {mode!r} is not a mode; use one of {', '.join(MODES)}.",
-          file=sys.stderr)
+    print(
+        f"Error: config.mode = {mode!r} is not a mode; use one of {', '.join(MODES)}.",
+        file=sys.stderr,
+    )
     sys.exit(1)
   try:
     output = runner(mode)(config, FLAGS.workdir)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adv_diffusion.diffusion import per_example
+from adv_diffusion.vp import per_example
 
 MODES = ("none", "fast", "pgd")
 NORMS = ("l2", "linf")
@@ -54,16 +54,24 @@ def project(delta: jax.Array, radius: jax.Array, norm: str) -> jax.Array:
   return project_l2(delta, radius) if norm == "l2" else project_linf(delta, radius)
 
 
-def ascent_step(delta: jax.Array, grad: jax.Array, step_size: float, radius: jax.Array,
-                norm: str) -> jax.Array:
+def ascent_step(
+    delta: jax.Array, grad: jax.Array, step_size: float, radius: jax.Array, norm: str
+) -> jax.Array:
   """One projected ascent step: ℓ2 δ + η·g/‖g‖₂ (per example), ℓ∞ δ + η·sign(g) (PAPER.md §4)."""
   direction = l2_normalize(grad) if norm == "l2" else jnp.sign(grad)
   return project(delta + step_size * direction, radius, norm)
 
 
-def init_delta(key: jax.Array, shape: tuple[int, ...], *, init: str, norm: str,
-               magnitude: float, radius: jax.Array, carried: jax.Array | None = None
-               ) -> jax.Array:
+def init_delta(
+    key: jax.Array,
+    shape: tuple[int, ...],
+    *,
+    init: str,
+    norm: str,
+    magnitude: float,
+    radius: jax.Array,
+    carried: jax.Array | None = None,
+) -> jax.Array:
   """Initial δ of a minibatch: zero (the authors' reset), random, or carried over (Free-AT).
 
   random: ℓ2 — a uniformly random direction with ‖δ_i‖₂ = sqrt(d)·magnitude; ℓ∞ — uniform in
@@ -104,15 +112,17 @@ def ddim_gap_table(alphas_cumprod: np.ndarray, grid_steps: int = 50) -> np.ndarr
   return np.sqrt(2.0 * (1.0 - ratio) / (1.0 + np.sqrt(ratio)))
 
 
-def ddim_gap_radius(alphas_cumprod: np.ndarray, t: jax.Array, rho: float,
-                    grid_steps: int = 50) -> jax.Array:
+def ddim_gap_radius(
+    alphas_cumprod: np.ndarray, t: jax.Array, rho: float, grid_steps: int = 50
+) -> jax.Array:
   """Per-example radius r_t = min(sqrt(2 − 2·sqrt(ᾱ_t / ᾱ_s)), ρ), shape (B,)."""
   table = jnp.asarray(ddim_gap_table(alphas_cumprod, grid_steps), jnp.float32)
   return jnp.minimum(table[t], rho)
 
 
-def example_radius(alphas_cumprod: np.ndarray, t: jax.Array, rho: float, schedule: str,
-                   grid_steps: int = 50) -> jax.Array:
+def example_radius(
+    alphas_cumprod: np.ndarray, t: jax.Array, rho: float, schedule: str, grid_steps: int = 50
+) -> jax.Array:
   """Radius factor of each example, shape (B,)."""
   if schedule == "constant":
     return jnp.full(t.shape, rho, jnp.float32)
@@ -137,14 +147,24 @@ class Replay(NamedTuple):
 
 
 # loss_and_grads(state, δ, dropout_key) -> ((loss, terms), (∂L/∂θ, ∂L/∂δ)), one forward/backward.
-LossAndGrads = Callable[[Any, jax.Array, jax.Array], tuple[tuple[jax.Array, Any], tuple[Any, jax.Array]]]
+LossAndGrads = Callable[
+    [Any, jax.Array, jax.Array], tuple[tuple[jax.Array, Any], tuple[Any, jax.Array]]
+]
 # update(state, ∂L/∂θ, terms) -> state after one optimizer (+ EMA, timestep history) update.
 Update = Callable[[Any, Any, Any], Any]
 
 
-def free_at_replays(state: Any, delta0: jax.Array, dropout_keys: jax.Array, *,
-                    loss_and_grads: LossAndGrads, update: Update, step_size: float,
-                    radius: jax.Array, norm: str) -> tuple[Any, jax.Array, Replay]:
+def free_at_replays(
+    state: Any,
+    delta0: jax.Array,
+    dropout_keys: jax.Array,
+    *,
+    loss_and_grads: LossAndGrads,
+    update: Update,
+    step_size: float,
+    radius: jax.Array,
+    norm: str,
+) -> tuple[Any, jax.Array, Replay]:
   """The authors' efficient AT (Free-AT, PAPER.md §4): K = len(dropout_keys) replays of one
   minibatch. Replay r takes ∂L/∂θ and ∂L/∂δ in ONE forward/backward at the current δ_r, updates θ
   with the first and then ascends δ_{r+1} = Π(δ_r + η·g_δ/‖g_δ‖) with the second.
@@ -169,9 +189,15 @@ def free_at_replays(state: Any, delta0: jax.Array, dropout_keys: jax.Array, *,
 DeltaLossAndGrad = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
-def pgd_search(delta0: jax.Array, dropout_keys: jax.Array, *,
-               delta_loss_and_grad: DeltaLossAndGrad, step_size: float, radius: jax.Array,
-               norm: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+def pgd_search(
+    delta0: jax.Array,
+    dropout_keys: jax.Array,
+    *,
+    delta_loss_and_grad: DeltaLossAndGrad,
+    step_size: float,
+    radius: jax.Array,
+    norm: str,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """PGD-k (Madry et al. 2018; PAPER.md §4): k = len(dropout_keys) projected ascent steps
   δ_{j+1} = Π(δ_j + η·g_δ/‖g_δ‖) with θ fixed. Returns the final δ_k (the θ-update is taken there)
   and the losses and ∂L/∂δ of the k steps."""

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adv_diffusion.diffusion import ddim_update, q_sample_at, x0_coefficients, x0_from_eps
+from adv_diffusion.vp import ddim_update, q_sample_at, x0_coefficients, x0_from_eps
 from adv_diffusion.losses import ApplyFn, MinibatchInputs
 from adv_diffusion.settings import ConsistencySettings
 
@@ -36,28 +36,37 @@ TARGET_EMA_SCHEDULES = ("constant", "linear")
 # f(x, 0) = x for any network.
 
 
-def boundary_scalings(t: jax.Array, sigma_data: float, timestep_scale: float
-                      ) -> tuple[jax.Array, jax.Array]:
+def boundary_scalings(
+    t: jax.Array, sigma_data: float, timestep_scale: float
+) -> tuple[jax.Array, jax.Array]:
   """(c_skip(t), c_out(t)) of LCM, each shaped like `t`; (1, 0) at t = 0."""
   scaled = timestep_scale * jnp.asarray(t, jnp.float32)
-  c_skip = sigma_data ** 2 / (scaled ** 2 + sigma_data ** 2)
-  c_out = scaled / jnp.sqrt(scaled ** 2 + sigma_data ** 2)
+  c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+  c_out = scaled / jnp.sqrt(scaled**2 + sigma_data**2)
   return c_skip, c_out
 
 
-def predict_x0(eps: jax.Array, x: jax.Array, t: jax.Array, alphas_cumprod: jax.Array,
-               clip: bool) -> jax.Array:
+def predict_x0(
+    eps: jax.Array, x: jax.Array, t: jax.Array, alphas_cumprod: jax.Array, clip: bool
+) -> jax.Array:
   """x̂_0 at the integer timesteps `t` per example, optionally clipped to [−1, 1] (ADM's
   `clip_denoised`: with the cosine schedule sqrt(ᾱ_999) ≈ 5e-5 would amplify ε errors)."""
   x0 = x0_from_eps(x, eps, *x0_coefficients(jnp.asarray(alphas_cumprod, jnp.float32)[t]))
   return jnp.clip(x0, -1.0, 1.0) if clip else x0
 
 
-def consistency_function(output: jax.Array, x: jax.Array, t: jax.Array,
-                         alphas_cumprod: jax.Array, *, sigma_data: float = 0.5,
-                         timestep_scale: float = 10.0, clip_x0: bool = True) -> jax.Array:
+def consistency_function(
+    output: jax.Array,
+    x: jax.Array,
+    t: jax.Array,
+    alphas_cumprod: jax.Array,
+    *,
+    sigma_data: float = 0.5,
+    timestep_scale: float = 10.0,
+    clip_x0: bool = True,
+) -> jax.Array:
   """f(x, t) from the raw network output (ε in its first C channels; learned σ ignored)."""
-  eps = output[..., :x.shape[-1]].astype(jnp.float32)
+  eps = output[..., : x.shape[-1]].astype(jnp.float32)
   c_skip, c_out = boundary_scalings(t, sigma_data, timestep_scale)
   x0 = predict_x0(eps, x, t, alphas_cumprod, clip_x0)
   return c_skip[:, None, None, None] * x + c_out[:, None, None, None] * x0
@@ -76,8 +85,9 @@ def time_grid(num_scales: int, num_timesteps: int) -> np.ndarray:
   return grid
 
 
-def ddim_step(eps: jax.Array, x: jax.Array, t: jax.Array, s: jax.Array,
-              alphas_cumprod: jax.Array) -> jax.Array:
+def ddim_step(
+    eps: jax.Array, x: jax.Array, t: jax.Array, s: jax.Array, alphas_cumprod: jax.Array
+) -> jax.Array:
   """Deterministic DDIM step (η = 0) from x_t to x_s with noise prediction `eps`:
   x_s = sqrt(ᾱ_s)·x̂_0 + sqrt(1 − ᾱ_s)·ε (Song et al. 2021, Eq. 12), x̂_0 unclipped."""
   a_s = jnp.asarray(alphas_cumprod, jnp.float32)[s]
@@ -85,8 +95,9 @@ def ddim_step(eps: jax.Array, x: jax.Array, t: jax.Array, s: jax.Array,
   return ddim_update(x0, eps, a_s)
 
 
-def distance(a: jax.Array, b: jax.Array, kind: str, lpips_params: Any = None,
-             lpips_resize: int = 0) -> jax.Array:
+def distance(
+    a: jax.Array, b: jax.Array, kind: str, lpips_params: Any = None, lpips_resize: int = 0
+) -> jax.Array:
   """Per-example distance: "l2" = mean squared error over pixels; "pseudo_huber" =
   sqrt(‖a − b‖² + c²) − c with c = 0.00054·sqrt(d) (Song & Dhariwal 2023, iCT); "lpips" =
   LPIPS-VGG v0.1 (Zhang et al. 2018) with the frozen `lpips_params`, both images bilinearly
@@ -115,10 +126,17 @@ def target_ema_rate(cm: ConsistencySettings, num_updates: jax.Array) -> jax.Arra
   return cm.target_ema_start + (cm.target_ema - cm.target_ema_start) * frac
 
 
-def consistency_inputs(x_start: jax.Array, labels: jax.Array | None, key: jax.Array, *,
-                       target_params: Any, teacher_params: Any, eval_fn: Callable,
-                       alphas_cumprod: np.ndarray, cm: ConsistencySettings
-                       ) -> MinibatchInputs:
+def consistency_inputs(
+    x_start: jax.Array,
+    labels: jax.Array | None,
+    key: jax.Array,
+    *,
+    target_params: Any,
+    teacher_params: Any,
+    eval_fn: Callable,
+    alphas_cumprod: np.ndarray,
+    cm: ConsistencySettings,
+) -> MinibatchInputs:
   """Draws (n, ε) once for the minibatch and computes x_{t_{n+k}} and the stop-gradient target.
 
   `eval_fn(params, x, t, labels)` is the network in eval mode (no dropout); `teacher_params`
@@ -139,27 +157,53 @@ def consistency_inputs(x_start: jax.Array, labels: jax.Array | None, key: jax.Ar
   if teacher_params is None:  # consistency training
     x_lo = q_sample(t_lo)
   else:
-    eps = eval_fn(teacher_params, x_hi, t_hi, labels)[..., :x_start.shape[-1]]
+    eps = eval_fn(teacher_params, x_hi, t_hi, labels)[..., : x_start.shape[-1]]
     x_lo = ddim_step(eps.astype(jnp.float32), x_hi, t_hi, t_lo, alphas_cumprod)
-  target = consistency_function(eval_fn(target_params, x_lo, t_lo, labels), x_lo, t_lo, ac,
-                                sigma_data=cm.sigma_data, timestep_scale=cm.timestep_scale,
-                                clip_x0=cm.clip_x0)
-  return MinibatchInputs(x_start=x_start, x_t=x_hi, t=t_hi, noise=noise,
-                         weights=jnp.ones((batch,), jnp.float32), sigma=jnp.sqrt(1.0 - ac[t_hi]),
-                         labels=labels, target=jax.lax.stop_gradient(target))
+  target = consistency_function(
+      eval_fn(target_params, x_lo, t_lo, labels),
+      x_lo,
+      t_lo,
+      ac,
+      sigma_data=cm.sigma_data,
+      timestep_scale=cm.timestep_scale,
+      clip_x0=cm.clip_x0,
+  )
+  return MinibatchInputs(
+      x_start=x_start,
+      x_t=x_hi,
+      t=t_hi,
+      noise=noise,
+      weights=jnp.ones((batch,), jnp.float32),
+      sigma=jnp.sqrt(1.0 - ac[t_hi]),
+      labels=labels,
+      target=jax.lax.stop_gradient(target),
+  )
 
 
-def consistency_loss(params: Any, delta: jax.Array | None, inputs: MinibatchInputs,
-                     dropout_key: jax.Array, *, apply_fn: ApplyFn, alphas_cumprod: np.ndarray,
-                     cm: ConsistencySettings, lpips_params: Any = None
-                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def consistency_loss(
+    params: Any,
+    delta: jax.Array | None,
+    inputs: MinibatchInputs,
+    dropout_key: jax.Array,
+    *,
+    apply_fn: ApplyFn,
+    alphas_cumprod: np.ndarray,
+    cm: ConsistencySettings,
+    lpips_params: Any = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean over the batch of d(f_θ(x_{t_{n+k}} + δ, t_{n+k}), target) (δ = None: clean);
   `lpips_params`: the frozen LPIPS network of `cm.distance` = "lpips" (else unused)."""
   x_in = inputs.x_t if delta is None else inputs.x_t + delta
   output = apply_fn(params, x_in, inputs.t, inputs.labels, dropout_key)
-  student = consistency_function(output, x_in, inputs.t, jnp.asarray(alphas_cumprod, jnp.float32),
-                                 sigma_data=cm.sigma_data, timestep_scale=cm.timestep_scale,
-                                 clip_x0=cm.clip_x0)
+  student = consistency_function(
+      output,
+      x_in,
+      inputs.t,
+      jnp.asarray(alphas_cumprod, jnp.float32),
+      sigma_data=cm.sigma_data,
+      timestep_scale=cm.timestep_scale,
+      clip_x0=cm.clip_x0,
+  )
   resize = cm.lpips_resize if cm.distance == "lpips" else 0
   dist = distance(student, inputs.target, cm.distance, lpips_params, resize)
   return jnp.mean(dist * inputs.weights), {"loss": dist, "consistency_distance": dist}

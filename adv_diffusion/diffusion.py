@@ -34,9 +34,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adv_diffusion.likelihood import (approx_standard_normal_cdf, discretized_gaussian_log_likelihood,
-                                      mean_flat, normal_kl)
-from adv_diffusion.schedules import BETA_SCHEDULES, get_named_beta_schedule, space_timesteps
+from adv_diffusion.likelihood import (
+    approx_standard_normal_cdf,
+    discretized_gaussian_log_likelihood,
+    mean_flat,
+    normal_kl,
+)
+from adv_diffusion.vp import eps_from_x0, q_sample_at, x0_from_eps
+from adv_diffusion.schedules import get_named_beta_schedule, space_timesteps
 
 __all__ = [
     "GaussianDiffusion",
@@ -54,58 +59,9 @@ _LN2 = math.log(2.0)  # python float: stays a weak type, so float32 maths stays 
 
 
 # ----------------------------------------------------------------------------------------
-# Pure formulas of the VP process, shared by the losses, the samplers and the attacks
-# ----------------------------------------------------------------------------------------
-# α_t = sqrt(ᾱ_t) and σ_t = sqrt(1 − ᾱ_t). Coefficients are per-example arrays of shape (B,) (or
-# scalars); `per_example` broadcasts them against NHWC images. x̂_0 and ε are written with ADM's
-# coefficients 1/α_t = sqrt(1/ᾱ_t) and σ_t/α_t = sqrt(1/ᾱ_t − 1) (`x0_coefficients`), so that
-# GaussianDiffusion can pass its float64-derived tables and match guided_diffusion bit for bit.
-
-
-def per_example(v: Any, like: jnp.ndarray) -> jnp.ndarray:
-  """`v` of shape (B,) (or a scalar) with singleton axes appended to broadcast against `like`."""
-  v = jnp.asarray(v)
-  return v.reshape(v.shape + (1,) * (jnp.ndim(like) - v.ndim))
-
-
-def q_sample_at(x_start: jnp.ndarray, noise: jnp.ndarray, alpha: Any, sigma: Any
-                ) -> jnp.ndarray:
-  """x_t = α_t·x_0 + σ_t·ε (IDDPM Eq. 9/10; DDPM Eq. 4)."""
-  return per_example(alpha, x_start) * x_start + per_example(sigma, x_start) * noise
-
-
-def x0_coefficients(alpha_bar: Any) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """(1/α_t, σ_t/α_t) = (sqrt(1/ᾱ_t), sqrt(1/ᾱ_t − 1)) of `alpha_bar` (any shape)."""
-  alpha_bar = jnp.asarray(alpha_bar)
-  return jnp.sqrt(1.0 / alpha_bar), jnp.sqrt(1.0 / alpha_bar - 1.0)
-
-
-def x0_from_eps(x_t: jnp.ndarray, eps: jnp.ndarray, recip_alpha: Any, sigma_over_alpha: Any
-                ) -> jnp.ndarray:
-  """x̂_0 = x_t/α_t − (σ_t/α_t)·ε = (x_t − σ_t·ε)/α_t: IDDPM Eq. 10 solved for x_0 (DPM-Solver++'s
-  data prediction, its Eq. 8)."""
-  return per_example(recip_alpha, x_t) * x_t - per_example(sigma_over_alpha, x_t) * eps
-
-
-def eps_from_x0(x_t: jnp.ndarray, x0: jnp.ndarray, recip_alpha: Any, sigma_over_alpha: Any
-                ) -> jnp.ndarray:
-  """ε = (x_t/α_t − x̂_0) / (σ_t/α_t): IDDPM Eq. 10 solved for ε (ADM re-derives ε from a clipped
-  x̂_0)."""
-  return ((per_example(recip_alpha, x_t) * x_t - x0)
-          / per_example(sigma_over_alpha, x_t))
-
-
-def ddim_update(x0: jnp.ndarray, eps: jnp.ndarray, alpha_bar_prev: Any, sigma: Any = 0.0
-                ) -> jnp.ndarray:
-  """Mean of DDIM's step to the previous time: sqrt(ᾱ_prev)·x̂_0 + sqrt(1 − ᾱ_prev − σ²)·ε
-  (DDIM Eq. 12; σ = 0 is the deterministic step); add σ·z for η > 0."""
-  ab_prev, sig = per_example(alpha_bar_prev, x0), per_example(sigma, x0)
-  return jnp.sqrt(ab_prev) * x0 + jnp.sqrt(1.0 - ab_prev - sig ** 2) * eps
-
-
-# ----------------------------------------------------------------------------------------
 # The diffusion process
 # ----------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class GaussianDiffusion:
@@ -119,9 +75,7 @@ class GaussianDiffusion:
     if betas.ndim != 1 or betas.size == 0:
       raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}.")
     if not ((betas > 0).all() and (betas <= 1).all()):
-      raise ValueError(
-          f"betas must lie in (0, 1], got values in [{betas.min()}, {betas.max()}]."
-      )
+      raise ValueError(f"betas must lie in (0, 1], got values in [{betas.min()}, {betas.max()}].")
     n = betas.shape[0]
     if self.timestep_map is None:
       timestep_map = np.arange(n, dtype=np.int32)
@@ -196,8 +150,9 @@ class GaussianDiffusion:
     return cls.from_timesteps(schedule, num_timesteps, space_timesteps(num_timesteps, respacing))
 
   @classmethod
-  def from_timesteps(cls, schedule: str, num_timesteps: int, kept: Sequence[int]
-                     ) -> GaussianDiffusion:
+  def from_timesteps(
+      cls, schedule: str, num_timesteps: int, kept: Sequence[int]
+  ) -> GaussianDiffusion:
     """Process keeping exactly the sorted original-grid timesteps `kept` (ADM SpacedDiffusion)."""
     kept = np.asarray(list(kept), dtype=np.int64)
     betas = get_named_beta_schedule(schedule, num_timesteps)
@@ -225,8 +180,9 @@ class GaussianDiffusion:
 
   # -- forward process ---------------------------------------------------------------
 
-  def q_mean_variance(self, x_start: jnp.ndarray, t: Any
-                      ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+  def q_mean_variance(
+      self, x_start: jnp.ndarray, t: Any
+  ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """Mean, variance and log-variance of q(x_t | x_0) (IDDPM Eq. 9), shaped like ``x_start``."""
     x_start = jnp.asarray(x_start)
     nd = x_start.ndim
@@ -243,8 +199,12 @@ class GaussianDiffusion:
     x_start, noise = jnp.asarray(x_start), jnp.asarray(noise)
     if noise.shape != x_start.shape:
       raise ValueError(f"noise shape {noise.shape} must equal x_start shape {x_start.shape}.")
-    return q_sample_at(x_start, noise, self._extract("sqrt_alphas_cumprod", t, 1),
-                       self._extract("sqrt_one_minus_alphas_cumprod", t, 1))
+    return q_sample_at(
+        x_start,
+        noise,
+        self._extract("sqrt_alphas_cumprod", t, 1),
+        self._extract("sqrt_one_minus_alphas_cumprod", t, 1),
+    )
 
   def q_posterior_mean_variance(
       self, x_start: jnp.ndarray, x_t: jnp.ndarray, t: Any
@@ -269,15 +229,24 @@ class GaussianDiffusion:
     x_t, eps = jnp.asarray(x_t), jnp.asarray(eps)
     if x_t.shape != eps.shape:
       raise ValueError(f"eps shape {eps.shape} must equal x_t shape {x_t.shape}.")
-    return x0_from_eps(x_t, eps, self._extract("sqrt_recip_alphas_cumprod", t, 1),
-                       self._extract("sqrt_recipm1_alphas_cumprod", t, 1))
+    return x0_from_eps(
+        x_t,
+        eps,
+        self._extract("sqrt_recip_alphas_cumprod", t, 1),
+        self._extract("sqrt_recipm1_alphas_cumprod", t, 1),
+    )
 
-  def predict_eps_from_xstart(self, x_t: jnp.ndarray, t: Any, pred_xstart: jnp.ndarray
-                              ) -> jnp.ndarray:
+  def predict_eps_from_xstart(
+      self, x_t: jnp.ndarray, t: Any, pred_xstart: jnp.ndarray
+  ) -> jnp.ndarray:
     """Noise implied by x_t and an x_0 prediction (IDDPM Eq. 10 solved for eps)."""
     x_t, pred_xstart = jnp.asarray(x_t), jnp.asarray(pred_xstart)
-    return eps_from_x0(x_t, pred_xstart, self._extract("sqrt_recip_alphas_cumprod", t, 1),
-                       self._extract("sqrt_recipm1_alphas_cumprod", t, 1))
+    return eps_from_x0(
+        x_t,
+        pred_xstart,
+        self._extract("sqrt_recip_alphas_cumprod", t, 1),
+        self._extract("sqrt_recipm1_alphas_cumprod", t, 1),
+    )
 
   # -- reverse process ---------------------------------------------------------------
 
@@ -321,9 +290,7 @@ class GaussianDiffusion:
       variance = jnp.exp(log_variance)
     else:
       variance = jnp.broadcast_to(self._extract("fixed_large_variance", t, nd), x_t.shape)
-      log_variance = jnp.broadcast_to(
-          self._extract("fixed_large_log_variance", t, nd), x_t.shape
-      )
+      log_variance = jnp.broadcast_to(self._extract("fixed_large_log_variance", t, nd), x_t.shape)
     pred_xstart = self.predict_xstart_from_eps(x_t, t, eps)
     if clip_denoised:
       pred_xstart = jnp.clip(pred_xstart, -1.0, 1.0)
@@ -360,9 +327,7 @@ class GaussianDiffusion:
     # IDDPM Eq. 6: L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)), nats -> bits.
     kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / _LN2
     # IDDPM Eq. 5 / DDPM Eq. 13: L_0 = -log p(x_0 | x_1) under the discretised decoder.
-    nll = -discretized_gaussian_log_likelihood(
-        x_start, out["mean"], 0.5 * out["log_variance"]
-    )
+    nll = -discretized_gaussian_log_likelihood(x_start, out["mean"], 0.5 * out["log_variance"])
     nll = mean_flat(nll) / _LN2
     return jnp.where(t == 0, nll, kl)
 
@@ -380,7 +345,8 @@ class GaussianDiffusion:
     """Per-example ``loss``, ``mse``, ``vb`` (each (B,)) of an eps network (IDDPM L_hybrid)."""
     if loss_type not in LOSS_TYPES:
       raise ValueError(
-          f"Unknown loss_type {loss_type!r}; allowed loss types are {list(LOSS_TYPES)}.")
+          f"Unknown loss_type {loss_type!r}; allowed loss types are {list(LOSS_TYPES)}."
+      )
     model_output, x_start, x_t, noise = (
         jnp.asarray(a) for a in (model_output, x_start, x_t, noise)
     )

@@ -8,7 +8,6 @@ from typing import Any
 import jax.numpy as jnp
 
 
-
 def mean_flat(x: jnp.ndarray) -> jnp.ndarray:
   """Mean over all non-batch axes."""
   x = jnp.asarray(x)

@@ -17,6 +17,7 @@ ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array | None, jax.Array], jax
 @flax.struct.dataclass
 class MinibatchInputs:
   """What one minibatch fixes for all of its replays: t and ε are drawn once (PAPER.md §4)."""
+
   x_start: jax.Array  # clean images in [−1, 1]
   x_t: jax.Array  # forward sample sqrt(ᾱ_t)·x_0 + σ_t·(ε [+ γ·ξ for ADM-IP])
   t: jax.Array  # timesteps of the diffusion process, (B,)
@@ -27,8 +28,9 @@ class MinibatchInputs:
   target: jax.Array | None = None  # consistency models: the stop-gradient target f_θ⁻(x̂_{t_n})
 
 
-def adversarial_target(noise: jax.Array, delta: jax.Array, sigma: jax.Array,
-                       target_type: str) -> jax.Array:
+def adversarial_target(
+    noise: jax.Array, delta: jax.Array, sigma: jax.Array, target_type: str
+) -> jax.Array:
   """Noise target of the perturbed input x_t + δ (PAPER.md §3).
 
   x_t + δ = sqrt(ᾱ_t)·x_0 + σ_t·(ε + δ/σ_t), so the noise of the perturbed point is ε + δ/σ_t
@@ -50,10 +52,18 @@ def input_perturbation_noise(noise: jax.Array, key: jax.Array, gamma: float) -> 
   return noise + gamma * jax.random.normal(key, noise.shape, noise.dtype)
 
 
-def diffusion_loss(params: Any, delta: jax.Array | None, inputs: MinibatchInputs,
-                   dropout_key: jax.Array, *, apply_fn: ApplyFn, diffusion: GaussianDiffusion,
-                   learn_sigma: bool, loss_type: str, target_type: str = "delta_detach"
-                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def diffusion_loss(
+    params: Any,
+    delta: jax.Array | None,
+    inputs: MinibatchInputs,
+    dropout_key: jax.Array,
+    *,
+    apply_fn: ApplyFn,
+    diffusion: GaussianDiffusion,
+    learn_sigma: bool,
+    loss_type: str,
+    target_type: str = "delta_detach",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Importance-weighted mean of ADM's per-example loss at input x_t + δ (δ = None: clean).
 
   With learned variance the VLB term sees the detached perturbed input and the frozen mean
@@ -64,9 +74,14 @@ def diffusion_loss(params: Any, delta: jax.Array | None, inputs: MinibatchInputs
   else:
     x_in = inputs.x_t + delta
     target = adversarial_target(inputs.noise, delta, inputs.sigma, target_type)
-  output = apply_fn(params, x_in, diffusion.model_timesteps(inputs.t), inputs.labels,
-                    dropout_key)
-  terms = diffusion.training_losses(output.astype(jnp.float32), inputs.x_start,
-                                    jax.lax.stop_gradient(x_in), inputs.t, target,
-                                    learn_sigma=learn_sigma, loss_type=loss_type)
+  output = apply_fn(params, x_in, diffusion.model_timesteps(inputs.t), inputs.labels, dropout_key)
+  terms = diffusion.training_losses(
+      output.astype(jnp.float32),
+      inputs.x_start,
+      jax.lax.stop_gradient(x_in),
+      inputs.t,
+      target,
+      learn_sigma=learn_sigma,
+      loss_type=loss_type,
+  )
   return jnp.mean(terms["loss"] * inputs.weights), terms  # ADM TrainLoop weighting

@@ -56,7 +56,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
     spec = section_counts.strip()
     if spec.startswith("ddim"):
       try:
-        desired = int(spec[len("ddim"):])
+        desired = int(spec[len("ddim") :])
       except ValueError:
         raise ValueError(
             f"Bad respacing {section_counts!r}: 'ddimN' needs an integer N, e.g. 'ddim50'."

@@ -28,8 +28,7 @@ class TimestepHistory(NamedTuple):
   loss_counts: jnp.ndarray  # (T,) int32, number of valid history entries per timestep
 
 
-def init_timestep_history(num_timesteps: int, history_per_term: int = 10
-                            ) -> TimestepHistory:
+def init_timestep_history(num_timesteps: int, history_per_term: int = 10) -> TimestepHistory:
   """Empty loss history (nothing seen yet) for ``num_timesteps`` steps."""
   num_timesteps = int(num_timesteps)
   if num_timesteps < 1:
@@ -48,8 +47,7 @@ def _check_kind(kind: str) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("kind",))
-def timestep_weights(state: TimestepHistory, kind: str, uniform_prob: float = 0.001
-                    ) -> jnp.ndarray:
+def timestep_weights(state: TimestepHistory, kind: str, uniform_prob: float = 0.001) -> jnp.ndarray:
   """Unnormalised sampling weights (T,) float32, as ADM's Uniform / LossSecondMoment samplers."""
   _check_kind(kind)
   num_t, history = state.loss_history.shape
@@ -66,8 +64,9 @@ def timestep_weights(state: TimestepHistory, kind: str, uniform_prob: float = 0.
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size",))
-def _sample_from_weights(key: jax.Array, w: jnp.ndarray, batch_size: int
-                         ) -> tuple[jnp.ndarray, jnp.ndarray]:
+def _sample_from_weights(
+    key: jax.Array, w: jnp.ndarray, batch_size: int
+) -> tuple[jnp.ndarray, jnp.ndarray]:
   num_t = w.shape[0]
   p = w / jnp.sum(w)
   t = jax.random.choice(key, num_t, shape=(batch_size,), replace=True, p=p).astype(jnp.int32)

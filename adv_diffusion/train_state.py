@@ -28,9 +28,9 @@ class TrainState:
   target_params: Any  # consistency models: target network θ⁻ (EMA of params); None for DPMs
 
 
-
-def init_params(model: nn.Module, image_shape: tuple[int, int, int], conditional: bool,
-                key: jax.Array) -> Any:
+def init_params(
+    model: nn.Module, image_shape: tuple[int, int, int], conditional: bool, key: jax.Array
+) -> Any:
   """Network parameters for NHWC images of `image_shape` (H, W, C)."""
   x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
   t = jnp.zeros((1,), jnp.int32)
@@ -38,9 +38,17 @@ def init_params(model: nn.Module, image_shape: tuple[int, int, int], conditional
   return model.init({"params": key}, x, t, y, train=False)["params"]
 
 
-def init_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array, *,
-                     settings: StepSettings, image_shape: tuple[int, int, int], batch_size: int,
-                     num_timesteps: int, timestep_history: int) -> TrainState:
+def init_train_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    key: jax.Array,
+    *,
+    settings: StepSettings,
+    image_shape: tuple[int, int, int],
+    batch_size: int,
+    num_timesteps: int,
+    timestep_history: int,
+) -> TrainState:
   """A fresh state: new parameters, EMAs equal to them, empty timestep history, δ = 0."""
   params = init_params(model, image_shape, settings.conditional, key)
   adv = settings.adversarial
@@ -72,9 +80,13 @@ def ema_update(ema: Any, params: Any, rate: float) -> Any:
   return jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, ema, params)
 
 
-def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformation,
-                    ema_rates: tuple[float, ...], target_rate: jax.Array | None = None
-                    ) -> TrainState:
+def apply_gradients(
+    state: TrainState,
+    grads: Any,
+    tx: optax.GradientTransformation,
+    ema_rates: tuple[float, ...],
+    target_rate: jax.Array | None = None,
+) -> TrainState:
   """One optimizer update and one EMA update per rate (and of a consistency model's target
   network with `target_rate`); counts the optimizer update."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -83,8 +95,13 @@ def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformat
   target = state.target_params
   if target is not None:
     target = ema_update(target, params, target_rate)
-  return state.replace(params=params, ema_params=ema_params, opt_state=opt_state,
-                       num_updates=state.num_updates + 1, target_params=target)
+  return state.replace(
+      params=params,
+      ema_params=ema_params,
+      opt_state=opt_state,
+      num_updates=state.num_updates + 1,
+      target_params=target,
+  )
 
 
 def tree_all_finite(tree: Any) -> jax.Array:

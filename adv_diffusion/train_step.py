@@ -21,18 +21,40 @@ import jax.numpy as jnp
 import optax
 
 from adv_diffusion import consistency
-from adv_diffusion.adversarial import (example_radius, free_at_replays, init_delta,
-                                       per_example_norm, pgd_search)
+from adv_diffusion.adversarial import (
+    example_radius,
+    free_at_replays,
+    init_delta,
+    per_example_norm,
+    pgd_search,
+)
 from adv_diffusion.diffusion import GaussianDiffusion
 from adv_diffusion.losses import MinibatchInputs, diffusion_loss, input_perturbation_noise
 from adv_diffusion.settings import StepSettings
 from adv_diffusion.timestep_sampler import sample_timesteps, update_timestep_history
-from adv_diffusion.train_state import (TrainState, apply_gradients, ema_update, init_params,
-                                       init_train_state, preprocess_images, tree_all_finite)
+from adv_diffusion.train_state import (
+    TrainState,
+    apply_gradients,
+    ema_update,
+    init_params,
+    init_train_state,
+    preprocess_images,
+    tree_all_finite,
+)
 
-__all__ = ["StepResult", "TrainState", "apply_gradients", "ema_update", "init_params",
-           "init_train_state", "minibatch_inputs", "preprocess_images", "replay_dropout_keys",
-           "train_step", "tree_all_finite"]
+__all__ = [
+    "StepResult",
+    "TrainState",
+    "apply_gradients",
+    "ema_update",
+    "init_params",
+    "init_train_state",
+    "minibatch_inputs",
+    "preprocess_images",
+    "replay_dropout_keys",
+    "train_step",
+    "tree_all_finite",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,17 +69,22 @@ class StepResult:
   next_delta: jax.Array | None = None  # δ for the next minibatch (init "carry")
 
 
-def _updater(tx: optax.GradientTransformation, settings: StepSettings, t: jax.Array
-             ) -> Callable[[TrainState, Any, dict[str, jax.Array]], TrainState]:
+def _updater(
+    tx: optax.GradientTransformation, settings: StepSettings, t: jax.Array
+) -> Callable[[TrainState, Any, dict[str, jax.Array]], TrainState]:
   """update(state, grads, terms): ADM's timestep history fed with the pass's per-example losses,
   then `apply_gradients` with the rates of `settings`."""
-  feed_history = (settings.timestep_sampler == "loss-second-moment"
-                  and not settings.consistency.enabled)
+  feed_history = (
+      settings.timestep_sampler == "loss-second-moment" and not settings.consistency.enabled
+  )
 
   def update(state, grads, terms):
     if feed_history:
-      state = state.replace(sampler_state=update_timestep_history(
-          state.sampler_state, t, jax.lax.stop_gradient(terms["loss"])))
+      state = state.replace(
+          sampler_state=update_timestep_history(
+              state.sampler_state, t, jax.lax.stop_gradient(terms["loss"])
+          )
+      )
     target_rate = None
     if state.target_params is not None:
       target_rate = consistency.target_ema_rate(settings.consistency, state.num_updates)
@@ -74,31 +101,52 @@ def _updater(tx: optax.GradientTransformation, settings: StepSettings, t: jax.Ar
 _IP_STREAM, _DELTA_STREAM = 1001, 1002
 
 
-def minibatch_inputs(state: TrainState, batch: dict[str, jax.Array], key: jax.Array,
-                     diffusion: GaussianDiffusion, settings: StepSettings
-                     ) -> tuple[MinibatchInputs, jax.Array]:
+def minibatch_inputs(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    key: jax.Array,
+    diffusion: GaussianDiffusion,
+    settings: StepSettings,
+) -> tuple[MinibatchInputs, jax.Array]:
   """Draws t (ADM's sampler) and ε once for the minibatch; returns them and the dropout key."""
   k_t, k_noise, k_dropout, k_flip = jax.random.split(key, 4)
   x_start = preprocess_images(batch["image"], k_flip if settings.random_flip else None)
-  t, weights = sample_timesteps(k_t, state.sampler_state, x_start.shape[0],
-                                settings.timestep_sampler, settings.timestep_uniform_prob)
+  t, weights = sample_timesteps(
+      k_t,
+      state.sampler_state,
+      x_start.shape[0],
+      settings.timestep_sampler,
+      settings.timestep_uniform_prob,
+  )
   noise = jax.random.normal(k_noise, x_start.shape, jnp.float32)
   noise_in = noise
   if settings.input_perturbation > 0:
-    noise_in = input_perturbation_noise(noise, jax.random.fold_in(key, _IP_STREAM),
-                                        settings.input_perturbation)
+    noise_in = input_perturbation_noise(
+        noise, jax.random.fold_in(key, _IP_STREAM), settings.input_perturbation
+    )
   inputs = MinibatchInputs(
-      x_start=x_start, x_t=diffusion.q_sample(x_start, t, noise_in), t=t, noise=noise,
+      x_start=x_start,
+      x_t=diffusion.q_sample(x_start, t, noise_in),
+      t=t,
+      noise=noise,
       weights=weights,
       sigma=jnp.asarray(diffusion.sqrt_one_minus_alphas_cumprod, jnp.float32)[t],
-      labels=batch["label"] if settings.conditional else None)
+      labels=batch["label"] if settings.conditional else None,
+  )
   return inputs, k_dropout
 
 
-def _consistency_setup(state: TrainState, batch: dict[str, jax.Array], key: jax.Array,
-                       teacher_params: Any, lpips_params: Any, apply_fn: Callable,
-                       model: nn.Module, diffusion: GaussianDiffusion, settings: StepSettings
-                       ) -> tuple[MinibatchInputs, jax.Array, Callable]:
+def _consistency_setup(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    key: jax.Array,
+    teacher_params: Any,
+    lpips_params: Any,
+    apply_fn: Callable,
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    settings: StepSettings,
+) -> tuple[MinibatchInputs, jax.Array, Callable]:
   """Minibatch inputs (incl. the target), dropout key and loss of a consistency model."""
   k_inputs, k_dropout, k_flip = jax.random.split(key, 3)
   x_start = preprocess_images(batch["image"], k_flip if settings.random_flip else None)
@@ -108,12 +156,22 @@ def _consistency_setup(state: TrainState, batch: dict[str, jax.Array], key: jax.
     return model.apply({"params": params}, x, t, labels, train=False)
 
   inputs = consistency.consistency_inputs(
-      x_start, labels, k_inputs, target_params=state.target_params,
-      teacher_params=teacher_params, eval_fn=eval_fn,
-      alphas_cumprod=diffusion.alphas_cumprod, cm=settings.consistency)
-  loss_fn = functools.partial(consistency.consistency_loss, apply_fn=apply_fn,
-                              alphas_cumprod=diffusion.alphas_cumprod, cm=settings.consistency,
-                              lpips_params=lpips_params)
+      x_start,
+      labels,
+      k_inputs,
+      target_params=state.target_params,
+      teacher_params=teacher_params,
+      eval_fn=eval_fn,
+      alphas_cumprod=diffusion.alphas_cumprod,
+      cm=settings.consistency,
+  )
+  loss_fn = functools.partial(
+      consistency.consistency_loss,
+      apply_fn=apply_fn,
+      alphas_cumprod=diffusion.alphas_cumprod,
+      cm=settings.consistency,
+      lpips_params=lpips_params,
+  )
   return inputs, k_dropout, loss_fn
 
 
@@ -121,18 +179,19 @@ def _consistency_setup(state: TrainState, batch: dict[str, jax.Array], key: jax.
 # The three δ searches
 # ---------------------------------------------------------------------------------------------
 
+
 def _clean_step(state, inputs, dropout_key, loss_fn, update) -> StepResult:
   """Plain ADM: one forward/backward, one update."""
-  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, None, inputs,
-                                                                   dropout_key)
+  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params, None, inputs, dropout_key
+  )
   return StepResult(update(state, grads, terms), loss, terms, grads)
 
 
 def replay_dropout_keys(dropout_key: jax.Array, count: int) -> jax.Array:
   """Replay r uses fold_in(key, r) for r ≥ 1 and the step's own key for r = 0, so a single
   replay is exactly the clean step."""
-  return jnp.stack([dropout_key] + [jax.random.fold_in(dropout_key, r)
-                                    for r in range(1, count)])
+  return jnp.stack([dropout_key] + [jax.random.fold_in(dropout_key, r) for r in range(1, count)])
 
 
 def _delta_metrics(delta, grad_delta0, loss0, loss_final, inputs, init: str) -> dict:
@@ -150,24 +209,30 @@ def _delta_metrics(delta, grad_delta0, loss0, loss_final, inputs, init: str) -> 
   return metrics
 
 
-def _fast_step(state, inputs, dropout_key, loss_fn, update, settings, delta0, radius
-               ) -> StepResult:
+def _fast_step(state, inputs, dropout_key, loss_fn, update, settings, delta0, radius) -> StepResult:
   """Fast AT: `adversarial.free_at_replays` over K replays of the minibatch."""
   adv = settings.adversarial
   grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
   state, next_delta, replays = free_at_replays(
-      state, delta0, replay_dropout_keys(dropout_key, adv.num_replays),
+      state,
+      delta0,
+      replay_dropout_keys(dropout_key, adv.num_replays),
       loss_and_grads=lambda s, delta, key: grad_fn(s.params, delta, inputs, key),
-      update=update, step_size=adv.step_size, radius=radius, norm=adv.norm)
+      update=update,
+      step_size=adv.step_size,
+      radius=radius,
+      norm=adv.norm,
+  )
   last = lambda tree: jax.tree.map(lambda x: x[-1], tree)  # noqa: E731
-  metrics = _delta_metrics(replays.delta[-1], replays.grad_delta[0], replays.loss[0],
-                           replays.loss[-1], inputs, adv.init)
-  return StepResult(state, replays.loss[-1], last(replays.terms), last(replays.grads), metrics,
-                    next_delta)
+  metrics = _delta_metrics(
+      replays.delta[-1], replays.grad_delta[0], replays.loss[0], replays.loss[-1], inputs, adv.init
+  )
+  return StepResult(
+      state, replays.loss[-1], last(replays.terms), last(replays.grads), metrics, next_delta
+  )
 
 
-def _pgd_step(state, inputs, dropout_key, loss_fn, update, settings, delta0, radius
-              ) -> StepResult:
+def _pgd_step(state, inputs, dropout_key, loss_fn, update, settings, delta0, radius) -> StepResult:
   """PGD-k AT: `adversarial.pgd_search` with θ fixed, then one update at the final δ."""
   adv = settings.adversarial
   delta_grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
@@ -176,13 +241,20 @@ def _pgd_step(state, inputs, dropout_key, loss_fn, update, settings, delta0, rad
     (loss, _), grad_delta = delta_grad_fn(state.params, delta, inputs, key)
     return loss, grad_delta
 
-  ascent_keys = jnp.stack([jax.random.fold_in(dropout_key, 10_000 + j)
-                           for j in range(adv.pgd_steps)])
+  ascent_keys = jnp.stack(
+      [jax.random.fold_in(dropout_key, 10_000 + j) for j in range(adv.pgd_steps)]
+  )
   delta, ascent_losses, grad_deltas = pgd_search(
-      delta0, ascent_keys, delta_loss_and_grad=delta_loss_and_grad, step_size=adv.step_size,
-      radius=radius, norm=adv.norm)
-  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, delta, inputs,
-                                                                   dropout_key)
+      delta0,
+      ascent_keys,
+      delta_loss_and_grad=delta_loss_and_grad,
+      step_size=adv.step_size,
+      radius=radius,
+      norm=adv.norm,
+  )
+  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params, delta, inputs, dropout_key
+  )
   metrics = _delta_metrics(delta, grad_deltas[0], ascent_losses[0], loss, inputs, adv.init)
   return StepResult(update(state, grads, terms), loss, terms, grads, metrics, delta)
 
@@ -191,11 +263,20 @@ def _pgd_step(state, inputs, dropout_key, loss_fn, update, settings, delta0, rad
 # The step
 # ---------------------------------------------------------------------------------------------
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], root_key: jax.Array,
-               teacher_params: Any = None, lpips_params: Any = None, *, model: nn.Module,
-               diffusion: GaussianDiffusion, tx: optax.GradientTransformation,
-               settings: StepSettings, learning_rate_fn: optax.Schedule
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    root_key: jax.Array,
+    teacher_params: Any = None,
+    lpips_params: Any = None,
+    *,
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    tx: optax.GradientTransformation,
+    settings: StepSettings,
+    learning_rate_fn: optax.Schedule,
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One minibatch iteration (`settings.adversarial.mode`: none | fast | pgd); scalar metrics.
 
   Diffusion models (consistency mode "none") use ADM's hybrid loss; consistency models the
@@ -210,29 +291,42 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], root_key: jax.Arr
   key = jax.random.fold_in(root_key, state.step)
 
   def apply_fn(params, x, timesteps, labels, dropout_key):
-    return model.apply({"params": params}, x, timesteps, labels, train=True,
-                       rngs={"dropout": dropout_key})
+    return model.apply(
+        {"params": params}, x, timesteps, labels, train=True, rngs={"dropout": dropout_key}
+    )
 
   adv = settings.adversarial
   if not settings.consistency.enabled:
     inputs, dropout_key = minibatch_inputs(state, batch, key, diffusion, settings)
-    loss_fn = functools.partial(diffusion_loss, apply_fn=apply_fn, diffusion=diffusion,
-                                learn_sigma=settings.learn_sigma, loss_type=settings.loss_type,
-                                target_type=adv.target)
+    loss_fn = functools.partial(
+        diffusion_loss,
+        apply_fn=apply_fn,
+        diffusion=diffusion,
+        learn_sigma=settings.learn_sigma,
+        loss_type=settings.loss_type,
+        target_type=adv.target,
+    )
   else:
-    inputs, dropout_key, loss_fn = _consistency_setup(state, batch, key, teacher_params,
-                                                      lpips_params, apply_fn, model, diffusion,
-                                                      settings)
+    inputs, dropout_key, loss_fn = _consistency_setup(
+        state, batch, key, teacher_params, lpips_params, apply_fn, model, diffusion, settings
+    )
   update = _updater(tx, settings, inputs.t)
   updates_before = state.num_updates
   if adv.mode == "none":
     result = _clean_step(state, inputs, dropout_key, loss_fn, update)
   else:
-    radius = example_radius(diffusion.alphas_cumprod, inputs.t, adv.radius, adv.radius_schedule,
-                            adv.radius_grid_steps)
-    delta0 = init_delta(jax.random.fold_in(key, _DELTA_STREAM), inputs.x_t.shape, init=adv.init,
-                        norm=adv.norm, magnitude=adv.init_magnitude, radius=radius,
-                        carried=state.delta)
+    radius = example_radius(
+        diffusion.alphas_cumprod, inputs.t, adv.radius, adv.radius_schedule, adv.radius_grid_steps
+    )
+    delta0 = init_delta(
+        jax.random.fold_in(key, _DELTA_STREAM),
+        inputs.x_t.shape,
+        init=adv.init,
+        norm=adv.norm,
+        magnitude=adv.init_magnitude,
+        radius=radius,
+        carried=state.delta,
+    )
     search = _fast_step if adv.mode == "fast" else _pgd_step
     result = search(state, inputs, dropout_key, loss_fn, update, settings, delta0, radius)
   state = result.state

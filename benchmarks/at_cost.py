@@ -19,8 +19,9 @@ VARIANTS = {  # name: (adversarial overrides, optimizer updates per minibatch)
 }
 
 
-def time_variant(overrides: dict, batch_size: int, steps: int, compute_dtype: str,
-                 base=cifar10_adm) -> float:
+def time_variant(
+    overrides: dict, batch_size: int, steps: int, compute_dtype: str, base=cifar10_adm
+) -> float:
   """Median seconds per minibatch iteration of `base`'s config with `overrides` of
   config.adversarial."""
   config = base.get_config()
@@ -44,15 +45,26 @@ def main() -> None:
   for name in args.variants.split(","):
     overrides, updates = VARIANTS[name]
     seconds = time_variant(overrides, args.batch_size, args.steps, args.compute_dtype)
-    results[name] = {"ms_per_minibatch": 1e3 * seconds,
-                     "ms_per_update": 1e3 * seconds / updates, "updates_per_minibatch": updates}
+    results[name] = {
+        "ms_per_minibatch": 1e3 * seconds,
+        "ms_per_update": 1e3 * seconds / updates,
+        "updates_per_minibatch": updates,
+    }
   if "none" in results:
     base = results["none"]["ms_per_update"]
     for r in results.values():
       r["per_update_vs_none"] = r["ms_per_update"] / base
-  write_json(args.out, {"benchmark": "at_cost", "model": "cifar10_adm (57.1M params)",
-                        "batch_size": args.batch_size, "compute_dtype": args.compute_dtype,
-                        "machine": machine_info(), "results": results})
+  write_json(
+      args.out,
+      {
+          "benchmark": "at_cost",
+          "model": "cifar10_adm (57.1M params)",
+          "batch_size": args.batch_size,
+          "compute_dtype": args.compute_dtype,
+          "machine": machine_info(),
+          "results": results,
+      },
+  )
 
 
 if __name__ == "__main__":

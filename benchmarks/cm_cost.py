@@ -32,15 +32,26 @@ def main() -> None:
   for name in args.variants.split(","):
     module, overrides, updates = VARIANTS[name]
     seconds = time_variant(overrides, args.batch_size, args.steps, args.compute_dtype, module)
-    results[name] = {"ms_per_minibatch": 1e3 * seconds,
-                     "ms_per_update": 1e3 * seconds / updates, "updates_per_minibatch": updates}
+    results[name] = {
+        "ms_per_minibatch": 1e3 * seconds,
+        "ms_per_update": 1e3 * seconds / updates,
+        "updates_per_minibatch": updates,
+    }
   for base_name, key in (("dpm", "per_update_vs_dpm"), ("cd", "per_update_vs_cd")):
     if base_name in results:
       for r in results.values():
         r[key] = r["ms_per_update"] / results[base_name]["ms_per_update"]
-  write_json(args.out, {"benchmark": "cm_cost", "model": "cifar10_adm UNet (57.1M params)",
-                        "batch_size": args.batch_size, "compute_dtype": args.compute_dtype,
-                        "machine": machine_info(), "results": results})
+  write_json(
+      args.out,
+      {
+          "benchmark": "cm_cost",
+          "model": "cifar10_adm UNet (57.1M params)",
+          "batch_size": args.batch_size,
+          "compute_dtype": args.compute_dtype,
+          "machine": machine_info(),
+          "results": results,
+      },
+  )
 
 
 if __name__ == "__main__":

@@ -60,12 +60,19 @@ def compiled_cifar10_step(config: ml_collections.ConfigDict) -> Callable[[], Non
   rng = np.random.default_rng(0)
   size, channels = config.data.image_size, config.data.channels
   batch = parallel.global_batch_from_local(
-      {"image": rng.integers(0, 256, (batch_size, size, size, channels), dtype=np.uint8),
-       "label": np.zeros((batch_size,), np.int32)}, mesh)
+      {
+          "image": rng.integers(0, 256, (batch_size, size, size, channels), dtype=np.uint8),
+          "label": np.zeros((batch_size,), np.int32),
+      },
+      mesh,
+  )
   key = jax.device_put(jax.random.key(1), parallel.replicated(mesh))
   # Consistency distillation: the (random) teacher is a copy, so it survives the donation.
-  teacher = (jax.tree.map(lambda p: p.copy(), state.params)
-             if config.consistency.mode == "distill" else None)
+  teacher = (
+      jax.tree.map(lambda p: p.copy(), state.params)
+      if config.consistency.mode == "distill"
+      else None
+  )
   holder = {"state": state}
 
   def one_step() -> None:

@@ -26,7 +26,7 @@ def torchscript_features(images: np.ndarray, batch_size: int) -> tuple[np.ndarra
   outs, start = [], time.perf_counter()
   with torch.no_grad():
     for i in range(0, len(inputs), batch_size):
-      x = torch.from_numpy(np.array(inputs[i:i + batch_size]).transpose(0, 3, 1, 2)).to(device)
+      x = torch.from_numpy(np.array(inputs[i : i + batch_size]).transpose(0, 3, 1, 2)).to(device)
       outs.append(net(x).reshape(x.shape[0], -1).cpu().numpy())
   return np.concatenate(outs), time.perf_counter() - start
 
@@ -41,20 +41,27 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as tmp:
     path, _ = convert_inception.convert(None, f"{tmp}/inception.npz")
     weights = inception.load_inception_weights(path)
-    features.extract_features(images[:args.batch_size], weights, args.batch_size,
-                              progress=False)  # compile
+    features.extract_features(
+        images[: args.batch_size], weights, args.batch_size, progress=False
+    )  # compile
     start = time.perf_counter()
     ours = features.extract_features(images, weights, args.batch_size, progress=False)["pool"]
     ours_seconds = time.perf_counter() - start
   reference, reference_seconds = torchscript_features(images, args.batch_size)
   rel = float(np.linalg.norm(ours - reference) / np.linalg.norm(reference))
-  write_json(args.out, {
-      "benchmark": "fid_features", "num_images": args.num_images, "batch_size": args.batch_size,
-      "machine": machine_info(),
-      "flax_images_per_sec": args.num_images / ours_seconds,
-      "torchscript_images_per_sec": args.num_images / reference_seconds,
-      "pool_relative_error_vs_torchscript": rel,
-      "seconds_for_50k_at_flax_rate": 50_000 * ours_seconds / args.num_images})
+  write_json(
+      args.out,
+      {
+          "benchmark": "fid_features",
+          "num_images": args.num_images,
+          "batch_size": args.batch_size,
+          "machine": machine_info(),
+          "flax_images_per_sec": args.num_images / ours_seconds,
+          "torchscript_images_per_sec": args.num_images / reference_seconds,
+          "pool_relative_error_vs_torchscript": rel,
+          "seconds_for_50k_at_flax_rate": 50_000 * ours_seconds / args.num_images,
+      },
+  )
 
 
 if __name__ == "__main__":

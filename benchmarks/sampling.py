@@ -44,26 +44,42 @@ def main() -> None:
   def bare_loop(x):  # nfe network calls and nothing else
     def body(i, x):
       return model_fn(x, jnp.full((x.shape[0],), 999 - i, jnp.int32))[..., :3]
+
     return jax.lax.fori_loop(0, args.nfe, body, x)
 
   def timed(fn) -> float:
     return statistics.median(time_calls(lambda: jax.block_until_ready(fn()), args.repeats))
 
   base = timed(lambda: bare_loop(noise))
-  results = {"bare_loop": {"ms_per_batch": 1e3 * base,
-                           "ms_per_model_call": 1e3 * base / args.nfe,
-                           "samples_per_sec": args.batch_size / base}}
+  results = {
+      "bare_loop": {
+          "ms_per_batch": 1e3 * base,
+          "ms_per_model_call": 1e3 * base / args.nfe,
+          "samples_per_sec": args.batch_size / base,
+      }
+  }
   for method in METHODS:
     sampler = make_sampler(method, args.nfe, "cosine", 1000)
     run = jax.jit(lambda x, k, s=sampler: s(model_fn, x, k))
     seconds = timed(lambda: run(noise, keys))
-    results[method] = {"nfe": sampler.nfe, "ms_per_batch": 1e3 * seconds,
-                       "ms_per_model_call": 1e3 * seconds / sampler.nfe,
-                       "samples_per_sec": args.batch_size / seconds,
-                       "overhead_vs_bare_loop": seconds / base - 1.0}
-  write_json(args.out, {"benchmark": "sampling", "model": "cifar10_adm (57.1M params)",
-                        "batch_size": args.batch_size, "compute_dtype": args.compute_dtype,
-                        "machine": machine_info(), "results": results})
+    results[method] = {
+        "nfe": sampler.nfe,
+        "ms_per_batch": 1e3 * seconds,
+        "ms_per_model_call": 1e3 * seconds / sampler.nfe,
+        "samples_per_sec": args.batch_size / seconds,
+        "overhead_vs_bare_loop": seconds / base - 1.0,
+    }
+  write_json(
+      args.out,
+      {
+          "benchmark": "sampling",
+          "model": "cifar10_adm (57.1M params)",
+          "batch_size": args.batch_size,
+          "compute_dtype": args.compute_dtype,
+          "machine": machine_info(),
+          "results": results,
+      },
+  )
 
 
 if __name__ == "__main__":

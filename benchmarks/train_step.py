@@ -19,8 +19,13 @@ def benchmark(compute_dtype: str, batch_size: int, steps: int) -> dict:
   one_step = compiled_cifar10_step(config)
   times = time_calls(one_step, steps)
   median = statistics.median(times)
-  return {"compute_dtype": compute_dtype, "batch_size": batch_size, "steps_timed": steps,
-          "ms_per_step": 1e3 * median, "images_per_sec": batch_size / median}
+  return {
+      "compute_dtype": compute_dtype,
+      "batch_size": batch_size,
+      "steps_timed": steps,
+      "ms_per_step": 1e3 * median,
+      "images_per_sec": batch_size / median,
+  }
 
 
 def main() -> None:
@@ -31,8 +36,15 @@ def main() -> None:
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   results = [benchmark(d, args.batch_size, args.steps) for d in args.dtypes.split(",")]
-  write_json(args.out, {"benchmark": "train_step", "model": "cifar10_adm (57.1M params)",
-                        "machine": machine_info(), "results": results})
+  write_json(
+      args.out,
+      {
+          "benchmark": "train_step",
+          "model": "cifar10_adm (57.1M params)",
+          "machine": machine_info(),
+          "results": results,
+      },
+  )
 
 
 if __name__ == "__main__":

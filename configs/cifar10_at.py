@@ -27,5 +27,6 @@ def get_config():
   config.train.init_from = "runs/cifar10_adm"
   config.train.init_from_step = 250_000
   config.train.init_from_command = (
-      "python main.py --config=configs/cifar10_adm.py --workdir=runs/cifar10_adm")
+      "python main.py --config=configs/cifar10_adm.py --workdir=runs/cifar10_adm"
+  )
   return config

@@ -16,7 +16,8 @@ def apply_consistency_distillation(config, teacher: str, teacher_config: str):
   config.consistency.teacher = teacher
   config.consistency.teacher_step = -1
   config.consistency.teacher_command = (
-      f"python main.py --config={teacher_config} --workdir={teacher}")
+      f"python main.py --config={teacher_config} --workdir={teacher}"
+  )
   config.consistency.num_scales = 50
   config.consistency.skip = 1
   config.consistency.distance = "l2"
@@ -27,8 +28,9 @@ def apply_consistency_distillation(config, teacher: str, teacher_config: str):
 
 
 def get_config():
-  config = apply_consistency_distillation(cifar10_adm.get_config(), "runs/cifar10_adm",
-                                          "configs/cifar10_adm.py")
+  config = apply_consistency_distillation(
+      cifar10_adm.get_config(), "runs/cifar10_adm", "configs/cifar10_adm.py"
+  )
   config.train.num_steps = 200_000
   config.train.sample_every = 10_000
   return config

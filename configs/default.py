@@ -18,7 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.dataset = "digits"  # "digits" (embedded, scikit-learn) | "cifar10" | "imagenet64" (TFDS)
   data.data_dir = ""  # TFDS data directory; "" = TFDS default (~/tensorflow_datasets)
   data.split = "train"  # dataset split used for training
-  data.image_size = 16  # image side in pixels; must match the dataset (digits: 16, cifar10: 32, imagenet64: 64)
+  data.image_size = (
+      16  # image side in pixels; must match the dataset (digits: 16, cifar10: 32, imagenet64: 64)
+  )
   data.channels = 1  # image channels; must match the dataset (digits: 1, else 3)
   data.num_classes = 0  # >0 makes the model class-conditional (digits: 10, imagenet64: 1000)
   data.random_flip = False  # random horizontal flip, drawn per example inside the train step
@@ -46,7 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.noise_schedule = "cosine"  # "linear" | "cosine" β schedule (IDDPM)
   diffusion.num_timesteps = 1000  # T of the training process
   diffusion.loss_type = "rescaled_mse"  # "mse" | "rescaled_mse" (ADM hybrid: ε-MSE + VLB·T/1000)
-  diffusion.timestep_sampler = "loss-second-moment"  # "uniform" | "loss-second-moment" (ADM importance sampler)
+  diffusion.timestep_sampler = (
+      "loss-second-moment"  # "uniform" | "loss-second-moment" (ADM importance sampler)
+  )
   diffusion.sampler_history = 10  # losses kept per timestep by the importance sampler
   diffusion.sampler_uniform_prob = 0.001  # uniform mixing probability of the importance sampler
   diffusion.input_perturbation = 0.0  # ADM-IP γ: x_t built from ε + γ·ξ, target ε; 0 = off
@@ -62,7 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
   adv.target = "delta_detach"  # "delta_detach" ε + sg[δ]/σ_t | "delta" ε + δ/σ_t | "original" ε
   adv.init = "zero"  # δ at each minibatch: "zero" (authors) | "random" | "carry" (Free-AT)
   adv.init_magnitude = 0.0  # size of a random initial δ (ℓ2: ‖δ‖ = sqrt(d)·this; ℓ∞: per pixel)
-  adv.radius_schedule = "constant"  # "constant" ρ | "ddim_gap": r_t = min(sqrt(2−2·sqrt(ᾱ_t/ᾱ_s)), ρ)
+  adv.radius_schedule = (
+      "constant"  # "constant" ρ | "ddim_gap": r_t = min(sqrt(2−2·sqrt(ᾱ_t/ᾱ_s)), ρ)
+  )
   adv.radius_grid_steps = 50  # DDIM grid whose step gap defines s in the "ddim_gap" radius
 
   # ---- result tables (--mode=table; PAPER.md §7) ------------------------------------------
@@ -121,8 +127,12 @@ def get_config() -> ml_collections.ConfigDict:
   # ---- optimiser (AdamW as ADM) -----------------------------------------------------------
   config.torch_io = tio = ml_collections.ConfigDict()
   tio.checkpoint = ""  # import_torch: guided-diffusion model file, e.g. model250000.pt
-  tio.ema = ""  # import_torch: comma-separated EMA files, one per train.ema_rates ("" = the model's)
-  tio.step = -1  # import_torch: step to write (-1 = the number in the model file name, else 0); export_torch: step to export (-1 = latest)
+  tio.ema = (
+      ""  # import_torch: comma-separated EMA files, one per train.ema_rates ("" = the model's)
+  )
+  tio.step = (
+      -1
+  )  # import_torch: step to write (-1 = the number in the model file name, else 0); export_torch: step to export (-1 = latest)
   tio.out = ""  # export_torch: output directory ("" = WORKDIR/torch)
 
   config.optim = optim = ml_collections.ConfigDict()
@@ -174,9 +184,13 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- evaluation (--mode=fid_stats, --mode=eval) -----------------------------------------
   config.evaluation = evaluation = ml_collections.ConfigDict()
-  evaluation.reference = ""  # reference statistics/image npz; "" = workdir/eval/reference_<data>.npz
+  evaluation.reference = (
+      ""  # reference statistics/image npz; "" = workdir/eval/reference_<data>.npz
+  )
   evaluation.samples = ""  # sample npz to score; "" = the newest set named by config.sampling
-  evaluation.inception_weights = ""  # converted FID Inception npz; "" = $ADV_DIFFUSION_INCEPTION or cache
+  evaluation.inception_weights = (
+      ""  # converted FID Inception npz; "" = $ADV_DIFFUSION_INCEPTION or cache
+  )
   evaluation.resize_rule = "tf1_bilinear"  # "tf1_bilinear" (ADM/TF, paper) | "pytorch_bilinear"
   evaluation.batch_size = 200  # images per Inception batch (split over devices)
   evaluation.max_reference_images = 0  # use only the first N images of the split; 0 = all

@@ -48,5 +48,6 @@ def get_config():
   config.train.sample_every = 0  # the table writes a sample grid of every sample set
   config.train.init_from = "runs/digits_adm"
   config.train.init_from_command = (
-      "python main.py --config=configs/digits_adm.py --workdir=runs/digits_adm")
+      "python main.py --config=configs/digits_adm.py --workdir=runs/digits_adm"
+  )
   return config

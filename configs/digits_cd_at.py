@@ -11,8 +11,9 @@ from configs.cifar10_cd import apply_consistency_distillation
 
 def get_config():
   config = digits_adm.get_config()
-  config = apply_paper_at(apply_consistency_distillation(config, "runs/digits_adm",
-                                                         "configs/digits_adm.py"))
+  config = apply_paper_at(
+      apply_consistency_distillation(config, "runs/digits_adm", "configs/digits_adm.py")
+  )
   config.consistency.num_scales = 20
   config.optim.learning_rate = 2e-4
   config.optim.warmup_steps = 0

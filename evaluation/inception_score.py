@@ -17,12 +17,13 @@ def inception_score(logits: Any, splits: int = 10) -> tuple[float, float]:
   x = validate_features(logits, what="logits")
   n = x.shape[0]
   if n < splits or splits < 1:
-    raise EvaluationError(f"the Inception Score with {splits} splits needs at least {splits} "
-                          f"images, got {n}.")
+    raise EvaluationError(
+        f"the Inception Score with {splits} splits needs at least {splits} " f"images, got {n}."
+    )
   log_p = x - _logsumexp(x, axis=1)
   scores = []
   for i in range(splits):
-    part = log_p[i * n // splits:(i + 1) * n // splits]
+    part = log_p[i * n // splits : (i + 1) * n // splits]
     # log p(y) = log mean_x p(y|x), kept finite for classes no image predicts (0 * -inf = nan).
     log_py = _logsumexp(part, axis=0) - np.log(part.shape[0])
     scores.append(np.exp(np.mean(np.sum(np.exp(part) * (part - log_py), axis=1))))

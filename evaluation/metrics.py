@@ -21,6 +21,7 @@ from evaluation.errors import EvaluationError, validate_images
 @dataclasses.dataclass(frozen=True, eq=False)
 class Reference:
   """Reference-set statistics (FID, sFID) and, when computed from images, its pool features."""
+
   pool: fid.FIDStatistics
   spatial: fid.FIDStatistics | None
   pool_features: np.ndarray | None
@@ -31,7 +32,7 @@ def pipeline_provenance(weights: inception.InceptionWeights, resize_rule: str) -
   """The fields that fix how images become features (equal fields = comparable numbers)."""
   return {
       "network": "FID Inception-v3, TF 2015-12-05 graph (Flax port of pytorch-fid's "
-                 "fid_inception_v3)",
+      "fid_inception_v3)",
       "weights_sha256": weights.sha256,
       "weights_file": os.path.basename(weights.path),
       "resize_rule": resize_rule,
@@ -47,15 +48,20 @@ def _weights(weights: Any) -> inception.InceptionWeights:
   return inception.load_inception_weights(weights)
 
 
-def image_statistics(images: Any, weights: Any = None,
-                     resize_rule: str = preprocess.DEFAULT_RESIZE_RULE, batch_size: int = 200,
-                     logits: bool | None = False, progress: bool = True,
-                     ) -> tuple[dict[str, np.ndarray], fid.FIDStatistics, fid.FIDStatistics]:
+def image_statistics(
+    images: Any,
+    weights: Any = None,
+    resize_rule: str = preprocess.DEFAULT_RESIZE_RULE,
+    batch_size: int = 200,
+    logits: bool | None = False,
+    progress: bool = True,
+) -> tuple[dict[str, np.ndarray], fid.FIDStatistics, fid.FIDStatistics]:
   """(features, pool statistics, spatial statistics) of uint8 NHWC images (at least 2)."""
   images = validate_images(images, min_count=2)
   weights = _weights(weights)
-  feats = features_lib.extract_features(images, weights, batch_size, resize_rule, logits=logits,
-                                        progress=progress)
+  feats = features_lib.extract_features(
+      images, weights, batch_size, resize_rule, logits=logits, progress=progress
+  )
   record = pipeline_provenance(weights, resize_rule)
   record["count"] = int(images.shape[0])
   pool = fid.compute_statistics(feats["pool"], batch_size=4096, provenance=record)
@@ -63,9 +69,13 @@ def image_statistics(images: Any, weights: Any = None,
   return feats, pool, spatial
 
 
-def load_reference(path: str, weights: Any = None,
-                   resize_rule: str = preprocess.DEFAULT_RESIZE_RULE, batch_size: int = 200,
-                   progress: bool = True) -> Reference:
+def load_reference(
+    path: str,
+    weights: Any = None,
+    resize_rule: str = preprocess.DEFAULT_RESIZE_RULE,
+    batch_size: int = 200,
+    progress: bool = True,
+) -> Reference:
   """A reference from an image npz (ADM reference batch `arr_0`) or a statistics npz.
 
   From images, the statistics are recomputed with this pipeline (an ADM batch's precomputed
@@ -75,8 +85,10 @@ def load_reference(path: str, weights: Any = None,
   """
   if not os.path.isfile(path):
     raise EvaluationError(f"reference file {path} does not exist.")
-  source = {"reference_file": os.path.abspath(path),
-            "reference_sha256": inception.file_sha256(path)}
+  source = {
+      "reference_file": os.path.abspath(path),
+      "reference_sha256": inception.file_sha256(path),
+  }
   with np.load(path, allow_pickle=False) as data:
     has_images = "arr_0" in data.files
     images = data["arr_0"] if has_images else None
@@ -85,8 +97,9 @@ def load_reference(path: str, weights: Any = None,
     record = dict(stats.provenance)
     record.update(source)
     return Reference(stats.pool, stats.spatial, None, record)
-  feats, pool, spatial = image_statistics(images, weights, resize_rule, batch_size,
-                                          progress=progress)
+  feats, pool, spatial = image_statistics(
+      images, weights, resize_rule, batch_size, progress=progress
+  )
   record = dict(pool.provenance)
   record.update(source)
   return Reference(pool, spatial, feats["pool"], record)
@@ -95,11 +108,18 @@ def load_reference(path: str, weights: Any = None,
 _PIPELINE_KEYS = ("weights_sha256", "resize_rule")
 
 
-def evaluate(samples: Any, reference: Reference | str, weights: Any = None,
-             resize_rule: str = preprocess.DEFAULT_RESIZE_RULE, batch_size: int = 200,
-             inception_score: bool | None = None, precision_recall: bool = True,
-             provenance: dict | None = None, progress: bool = True,
-             fid_method: str = "sqrtm") -> dict[str, Any]:
+def evaluate(
+    samples: Any,
+    reference: Reference | str,
+    weights: Any = None,
+    resize_rule: str = preprocess.DEFAULT_RESIZE_RULE,
+    batch_size: int = 200,
+    inception_score: bool | None = None,
+    precision_recall: bool = True,
+    provenance: dict | None = None,
+    progress: bool = True,
+    fid_method: str = "sqrtm",
+) -> dict[str, Any]:
   """FID, sFID, Inception Score and precision/recall of uint8 samples, with provenance.
 
   `inception_score`: None = when the weights have the classifier, True = required. Precision and
@@ -115,28 +135,35 @@ def evaluate(samples: Any, reference: Reference | str, weights: Any = None,
   for key in _PIPELINE_KEYS:
     theirs = reference.provenance.get(key)
     if theirs is not None and theirs != mine[key]:
-      raise EvaluationError(f"the reference statistics were computed with {key} = {theirs!r} but "
-                            f"this pipeline uses {mine[key]!r}; recompute them from images.")
+      raise EvaluationError(
+          f"the reference statistics were computed with {key} = {theirs!r} but "
+          f"this pipeline uses {mine[key]!r}; recompute them from images."
+      )
   if inception_score and not weights.has_logits:
     raise EvaluationError(features_lib.logits_missing_message(weights.path))
   want_is = weights.has_logits if inception_score is None else inception_score
-  feats, pool, spatial = image_statistics(samples, weights, resize_rule, batch_size,
-                                          logits=want_is, progress=progress)
-  result: dict[str, Any] = {"fid": fid.fid_from_statistics(pool, reference.pool,
-                                                           method=fid_method)}
+  feats, pool, spatial = image_statistics(
+      samples, weights, resize_rule, batch_size, logits=want_is, progress=progress
+  )
+  result: dict[str, Any] = {"fid": fid.fid_from_statistics(pool, reference.pool, method=fid_method)}
   if reference.spatial is not None:
     result["sfid"] = fid.fid_from_statistics(spatial, reference.spatial, method=fid_method)
   if want_is:
-    result["inception_score"], result["inception_score_std"] = (
-        inception_score_lib.inception_score(feats["logits"]))
+    result["inception_score"], result["inception_score_std"] = inception_score_lib.inception_score(
+        feats["logits"]
+    )
   if precision_recall and reference.pool_features is not None:
     result["precision"], result["recall"] = precision_recall_lib.precision_recall(
-        reference.pool_features, feats["pool"])
+        reference.pool_features, feats["pool"]
+    )
   record = dict(mine)
-  record.update(frechet_method=fid_method, num_samples=int(feats["pool"].shape[0]),
-                reference_count=reference.pool.count,
-                reference_file=reference.provenance.get("reference_file"),
-                reference_sha256=reference.provenance.get("reference_sha256"))
+  record.update(
+      frechet_method=fid_method,
+      num_samples=int(feats["pool"].shape[0]),
+      reference_count=reference.pool.count,
+      reference_file=reference.provenance.get("reference_file"),
+      reference_sha256=reference.provenance.get("reference_sha256"),
+  )
   record.update(provenance or {})
   result["provenance"] = record
   return result

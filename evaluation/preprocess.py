@@ -30,17 +30,18 @@ INCEPTION_SIZE = 299
 DEFAULT_RESIZE_RULE = "tf1_bilinear"
 RESIZE_RULES = {
     "tf1_bilinear": "TF1 legacy resize_bilinear(align_corners=False) on [0, 255] floats, then "
-                    "(x - 128) / 128 (ADM evaluator, TF FID graph, NVIDIA metrics)",
+    "(x - 128) / 128 (ADM evaluator, TF FID graph, NVIDIA metrics)",
     "pytorch_bilinear": "x / 255, F.interpolate(bilinear, align_corners=False), then 2x - 1 "
-                        "(pytorch-fid)",
+    "(pytorch-fid)",
 }
 
 
 def check_resize_rule(resize_rule: str) -> None:
   """Raises one sentence when `resize_rule` is not a known rule."""
   if resize_rule not in RESIZE_RULES:
-    raise EvaluationError(f"resize_rule {resize_rule!r} is not allowed; use one of "
-                          f"{sorted(RESIZE_RULES)}.")
+    raise EvaluationError(
+        f"resize_rule {resize_rule!r} is not allowed; use one of " f"{sorted(RESIZE_RULES)}."
+    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -81,8 +82,9 @@ def resize(images: jax.Array, out_size: int, resize_rule: str) -> jax.Array:
   return jnp.einsum("pw,nowc->nopc", ww, x, precision=hp)
 
 
-def preprocess(images: jax.Array, resize_rule: str = DEFAULT_RESIZE_RULE,
-               size: int = INCEPTION_SIZE) -> jax.Array:
+def preprocess(
+    images: jax.Array, resize_rule: str = DEFAULT_RESIZE_RULE, size: int = INCEPTION_SIZE
+) -> jax.Array:
   """uint8 NHWC images (1 or 3 channels) -> float32 (N, size, size, 3) Inception input."""
   check_resize_rule(resize_rule)
   x = images.astype(jnp.float32)

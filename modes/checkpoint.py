@@ -40,8 +40,16 @@ def _abstract(tree: Any) -> Any:
 class Checkpointer:
   """Saves and restores train states under `directory` (one sub-directory per step)."""
 
-  def __init__(self, directory: str, *, save_every: int, keep: int, keep_every: int = 0,
-               async_save: bool = True, read_only: bool = False):
+  def __init__(
+      self,
+      directory: str,
+      *,
+      save_every: int,
+      keep: int,
+      keep_every: int = 0,
+      async_save: bool = True,
+      read_only: bool = False,
+  ):
     policies = [ocp_keep.LatestN(keep)]
     if keep_every:
       policies.append(ocp_keep.EveryNSteps(keep_every))
@@ -53,8 +61,9 @@ class Checkpointer:
         read_only=read_only,
     )
     self.directory = os.path.abspath(directory)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=(MODEL_ITEM, TRAIN_ITEM))
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=(MODEL_ITEM, TRAIN_ITEM)
+    )
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -69,25 +78,33 @@ class Checkpointer:
     model, train = _split_state(state)
     return self._manager.save(
         step,
-        args=ocp.args.Composite(**{MODEL_ITEM: ocp.args.StandardSave(model),
-                                   TRAIN_ITEM: ocp.args.StandardSave(train)}),
-        force=True)
+        args=ocp.args.Composite(
+            **{MODEL_ITEM: ocp.args.StandardSave(model), TRAIN_ITEM: ocp.args.StandardSave(train)}
+        ),
+        force=True,
+    )
 
   def restore(self, step: int, target_state: Any) -> Any:
     """Restores the full state of `step` with the shapes, dtypes and shardings of `target_state`."""
     model, train = _split_state(target_state)
     restored = self._manager.restore(
         step,
-        args=ocp.args.Composite(**{MODEL_ITEM: ocp.args.StandardRestore(_abstract(model)),
-                                   TRAIN_ITEM: ocp.args.StandardRestore(_abstract(train))}))
+        args=ocp.args.Composite(
+            **{
+                MODEL_ITEM: ocp.args.StandardRestore(_abstract(model)),
+                TRAIN_ITEM: ocp.args.StandardRestore(_abstract(train)),
+            }
+        ),
+    )
     return target_state.replace(**restored[MODEL_ITEM], **restored[TRAIN_ITEM])
 
   def restore_latest_good(self, target_state: Any) -> tuple[Any, int] | None:
     """The newest readable checkpoint restored like `target_state`, and its step; None when
     there is none. Newer damaged steps are moved aside with a warning; if every step is
     damaged, a CheckpointError says so and nothing is moved."""
-    found = _newest_readable(self.all_steps(), lambda step: self.restore(step, target_state),
-                             self.directory)
+    found = _newest_readable(
+        self.all_steps(), lambda step: self.restore(step, target_state), self.directory
+    )
     if found is None:
       return None
     state, step, damaged = found
@@ -99,18 +116,22 @@ class Checkpointer:
     if jax.process_index() == 0:
       stamp = time.strftime("%Y%m%d-%H%M%S")
       for step in steps:
-        os.replace(os.path.join(self.directory, str(step)),
-                   os.path.join(self.directory, f"damaged_{step}_{stamp}"))
+        os.replace(
+            os.path.join(self.directory, str(step)),
+            os.path.join(self.directory, f"damaged_{step}_{stamp}"),
+        )
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       multihost_utils.sync_global_devices("checkpoint: damaged steps set aside")
     self._manager.reload()
 
   def restore_model(self, step: int, target_model: dict) -> dict:
     """Restores only {"params", "ema_params"} of `step`, shaped like `target_model`."""
     restored = self._manager.restore(
-        step, args=ocp.args.Composite(
-            **{MODEL_ITEM: ocp.args.StandardRestore(_abstract(target_model))}))
+        step,
+        args=ocp.args.Composite(**{MODEL_ITEM: ocp.args.StandardRestore(_abstract(target_model))}),
+    )
     return restored[MODEL_ITEM]
 
   def wait(self) -> None:
@@ -121,8 +142,9 @@ class Checkpointer:
     self._manager.close()
 
 
-def _newest_readable(steps: list[int], restore: Callable[[int], Any], directory: str
-                     ) -> tuple[Any, int, list[int]] | None:
+def _newest_readable(
+    steps: list[int], restore: Callable[[int], Any], directory: str
+) -> tuple[Any, int, list[int]] | None:
   """(restored, step, newer damaged steps) of the newest step `restore` can read."""
   damaged = []
   _silence_failed_read_leftovers()
@@ -134,18 +156,29 @@ def _newest_readable(steps: list[int], restore: Callable[[int], Any], directory:
     except Exception as exc:  # noqa: BLE001
       if _is_config_mismatch(exc):
         raise
-      logging.warning("Checkpoint step %d in %s cannot be read (%s).", step, directory,
-                      str(exc).splitlines()[0][:200])
+      logging.warning(
+          "Checkpoint step %d in %s cannot be read (%s).",
+          step,
+          directory,
+          str(exc).splitlines()[0][:200],
+      )
       damaged.append(step)
       continue
     if damaged:
-      logging.warning("Falling back to checkpoint step %d in %s: newer step(s) %s are damaged "
-                      "and will not be used.", step, directory, damaged)
+      logging.warning(
+          "Falling back to checkpoint step %d in %s: newer step(s) %s are damaged "
+          "and will not be used.",
+          step,
+          directory,
+          damaged,
+      )
     return restored, step, damaged
   if damaged:
-    raise CheckpointError(f"checkpoint step(s) {damaged} in {directory} cannot be read (damaged "
-                          "files) and no older readable step exists; restore them from a backup "
-                          "or move them away to start over.")
+    raise CheckpointError(
+        f"checkpoint step(s) {damaged} in {directory} cannot be read (damaged "
+        "files) and no older readable step exists; restore them from a backup "
+        "or move them away to start over."
+    )
   return None
 
 
@@ -163,18 +196,25 @@ def _silence_failed_read_leftovers() -> None:
     return
 
   def from_orbax_read(tb) -> bool:
-    return any("orbax/checkpoint/_src/serialization" in frame.filename
-               for frame in traceback.extract_tb(tb))
+    return any(
+        "orbax/checkpoint/_src/serialization" in frame.filename
+        for frame in traceback.extract_tb(tb)
+    )
 
   def hook(unraisable):
-    closed_loop = (isinstance(unraisable.exc_value, RuntimeError)
-                   and str(unraisable.exc_value) == "Event loop is closed")
+    closed_loop = (
+        isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == "Event loop is closed"
+    )
     if not (closed_loop or from_orbax_read(unraisable.exc_traceback)):
       previous(unraisable)
 
   def keep_record(record) -> bool:
-    return not ("exception was never retrieved" in record.getMessage() and record.exc_info
-                and from_orbax_read(record.exc_info[2]))
+    return not (
+        "exception was never retrieved" in record.getMessage()
+        and record.exc_info
+        and from_orbax_read(record.exc_info[2])
+    )
 
   hook.drops_failed_read_leftovers = True
   sys.unraisablehook = hook
@@ -185,8 +225,9 @@ def _is_config_mismatch(exc: Exception) -> bool:
   """Whether a restore failed because the target's shapes or tree differ from the files'."""
   text = str(exc)
   return isinstance(exc, (KeyError, TypeError)) or any(
-      marker in text for marker in ("is not compatible with the stored shape",
-                                    "tree structures do not match"))
+      marker in text
+      for marker in ("is not compatible with the stored shape", "tree structures do not match")
+  )
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -199,27 +240,39 @@ def checkpoint_steps(directory: str) -> list[int]:
   return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
 
 
-def require_checkpoint(workdir: str, step: int, train_command: str = "", *, how: str = "",
-                       purpose: str = "initialise from",
-                       step_key: str = "config.train.init_from_step") -> int:
+def require_checkpoint(
+    workdir: str,
+    step: int,
+    train_command: str = "",
+    *,
+    how: str = "",
+    purpose: str = "initialise from",
+    step_key: str = "config.train.init_from_step",
+) -> int:
   """The step of `workdir`'s checkpoint to use (`step` = -1: latest), or a one-sentence
   CheckpointError saying what to do: `how`, or else training that run with `train_command`."""
   directory = checkpoint_dir(workdir)
-  how = how or (f"train that run first with `{train_command}`" if train_command
-                else "train that run first or fix the path")
+  how = how or (
+      f"train that run first with `{train_command}`"
+      if train_command
+      else "train that run first or fix the path"
+  )
   steps = checkpoint_steps(directory)
   if not steps:
     raise CheckpointError(f"no checkpoint found in {directory} to {purpose}; {how}.")
   if step == -1:
     return steps[-1]
   if step not in steps:
-    raise CheckpointError(f"checkpoint step {step} is not in {directory} (available: {steps}); "
-                          f"{how} to step {step} or set {step_key}.")
+    raise CheckpointError(
+        f"checkpoint step {step} is not in {directory} (available: {steps}); "
+        f"{how} to step {step} or set {step_key}."
+    )
   return step
 
 
-def load_model_weights(workdir: str, step: int, target_model: dict,
-                       train_command: str = "") -> tuple[dict, int]:
+def load_model_weights(
+    workdir: str, step: int, target_model: dict, train_command: str = ""
+) -> tuple[dict, int]:
   """Params and EMA params of another run's checkpoint (`step` = -1: the newest readable one)
   and its step."""
   latest = step == -1
@@ -234,7 +287,8 @@ def load_model_weights(workdir: str, step: int, target_model: dict,
       raise
     raise CheckpointError(
         f"the checkpoint at step {step} in {directory} does not fit this config's model "
-        f"({str(exc).splitlines()[0][:200]}); use the config it was trained with") from exc
+        f"({str(exc).splitlines()[0][:200]}); use the config it was trained with"
+    ) from exc
   finally:
     ckpt.close()
   if found is None:  # the step vanished between listing and reading

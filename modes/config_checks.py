@@ -27,8 +27,15 @@ def check_int(config: ml_collections.ConfigDict, key: str, minimum: int) -> None
     fail(key, value, f"use an integer ≥ {minimum}")
 
 
-def check_float(config: ml_collections.ConfigDict, key: str, low: float, high: float, *,
-                low_open: bool = False, high_open: bool = False) -> None:
+def check_float(
+    config: ml_collections.ConfigDict,
+    key: str,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
   """`key` must be a number in the interval [low, high] (ends open as asked)."""
   value = get(config, key)
   if isinstance(value, bool) or not isinstance(value, (int, float)):

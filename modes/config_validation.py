@@ -9,7 +9,7 @@ from modes.config_checks import check_choice as _check_choice
 from modes.config_checks import check_float as _check_float
 from modes.config_checks import check_int as _check_int
 from modes.config_checks import fail as _fail
-
+from modes.errors import ConfigError
 
 # The config sections each mode reads (and so validates).
 TRAINING = ("data", "model", "diffusion", "optim", "train", "adversarial", "consistency")
@@ -19,10 +19,27 @@ MODE_SECTIONS = {
     "sample": ("data", "model", "diffusion", "train", "consistency", "sampling"),
     "fid_stats": ("data", "evaluation"),
     "eval": ("data", "sampling", "evaluation"),
-    "table": ("data", "model", "diffusion", "train", "consistency", "table", "sampling",
-              "evaluation"),
-    "robustness": ("data", "model", "diffusion", "train", "consistency", "table", "robustness",
-                   "sampling", "evaluation"),
+    "table": (
+        "data",
+        "model",
+        "diffusion",
+        "train",
+        "consistency",
+        "table",
+        "sampling",
+        "evaluation",
+    ),
+    "robustness": (
+        "data",
+        "model",
+        "diffusion",
+        "train",
+        "consistency",
+        "table",
+        "robustness",
+        "sampling",
+        "evaluation",
+    ),
     "import_torch": TRAINING + ("torch_io",),
     "export_torch": TRAINING + ("torch_io",),
 }
@@ -33,8 +50,12 @@ def validate_config(config: ml_collections.ConfigDict, mode: str | None = None) 
   `mode` reads (None: every section)."""
   _check_int(config, "seed", 0)
   if mode == "story" and (config.adversarial.mode == "none" or config.consistency.mode != "none"):
-    _fail("adversarial.mode", config.adversarial.mode, "--mode=story fine-tunes a diffusion "
-          "model with AT: use adversarial.mode 'fast' or 'pgd' and consistency.mode 'none'")
+    _fail(
+        "adversarial.mode",
+        config.adversarial.mode,
+        "--mode=story fine-tunes a diffusion "
+        "model with AT: use adversarial.mode 'fast' or 'pgd' and consistency.mode 'none'",
+    )
   sections = MODE_SECTIONS[mode] if mode else tuple(_VALIDATORS)
   for name in _VALIDATORS:
     if name in sections:
@@ -45,14 +66,23 @@ def _validate_data(config) -> None:
   _check_choice(config, "data.dataset", data_lib.DATASETS)
   spec = data_lib.DATASETS[config.data.dataset]
   if config.data.image_size != spec.image_size:
-    _fail("data.image_size", config.data.image_size,
-          f"dataset {config.data.dataset!r} has {spec.image_size}-pixel images")
+    _fail(
+        "data.image_size",
+        config.data.image_size,
+        f"dataset {config.data.dataset!r} has {spec.image_size}-pixel images",
+    )
   if config.data.channels != spec.channels:
-    _fail("data.channels", config.data.channels,
-          f"dataset {config.data.dataset!r} has {spec.channels} channel(s)")
+    _fail(
+        "data.channels",
+        config.data.channels,
+        f"dataset {config.data.dataset!r} has {spec.channels} channel(s)",
+    )
   if config.data.num_classes not in (0, spec.num_classes):
-    _fail("data.num_classes", config.data.num_classes,
-          f"use 0 (unconditional) or {spec.num_classes} for dataset {config.data.dataset!r}")
+    _fail(
+        "data.num_classes",
+        config.data.num_classes,
+        f"use 0 (unconditional) or {spec.num_classes} for dataset {config.data.dataset!r}",
+    )
 
 
 def _validate_model(config) -> None:
@@ -63,40 +93,58 @@ def _validate_model(config) -> None:
     _fail("model.channel_mult", m.channel_mult, "use a non-empty tuple of positive integers")
   size = config.data.image_size
   if size % (2 ** (len(m.channel_mult) - 1)):
-    _fail("model.channel_mult", m.channel_mult,
-          f"{len(m.channel_mult) - 1} downsamplings need an image size divisible by "
-          f"{2 ** (len(m.channel_mult) - 1)}, got {size}")
-  reachable = {size // 2 ** i for i in range(len(m.channel_mult))}
+    _fail(
+        "model.channel_mult",
+        m.channel_mult,
+        f"{len(m.channel_mult) - 1} downsamplings need an image size divisible by "
+        f"{2 ** (len(m.channel_mult) - 1)}, got {size}",
+    )
+  reachable = {size // 2**i for i in range(len(m.channel_mult))}
   for res in m.attention_resolutions:
     if res not in reachable:
-      _fail("model.attention_resolutions", m.attention_resolutions,
-            f"each entry must be a feature-map side the UNet visits, one of {sorted(reachable)}")
+      _fail(
+          "model.attention_resolutions",
+          m.attention_resolutions,
+          f"each entry must be a feature-map side the UNet visits, one of {sorted(reachable)}",
+      )
   if m.num_head_channels != -1:
     _check_int(config, "model.num_head_channels", 1)
     widths = {m.num_channels * c for c in m.channel_mult}
     bad = sorted(w for w in widths if w % m.num_head_channels)
     if bad:
-      _fail("model.num_head_channels", m.num_head_channels,
-            f"it must divide every attention width, and {bad[0]} is not a multiple")
+      _fail(
+          "model.num_head_channels",
+          m.num_head_channels,
+          f"it must divide every attention width, and {bad[0]} is not a multiple",
+      )
   else:
     _check_int(config, "model.num_heads", 1)
   _check_float(config, "model.dropout", 0.0, 1.0, high_open=True)
   from modes.factories import COMPUTE_DTYPES
 
   _check_choice(config, "model.compute_dtype", COMPUTE_DTYPES)
-  for key in ("learn_sigma", "use_scale_shift_norm", "resblock_updown",
-              "use_new_attention_order", "conv_resample", "remat"):
+  for key in (
+      "learn_sigma",
+      "use_scale_shift_norm",
+      "resblock_updown",
+      "use_new_attention_order",
+      "conv_resample",
+      "remat",
+  ):
     if not isinstance(m[key], bool):
       _fail(f"model.{key}", m[key], "use True or False")
   if m.num_channels % 32:
-    _fail("model.num_channels", m.num_channels,
-          "ADM's GroupNorm uses 32 groups, so use a multiple of 32")
+    _fail(
+        "model.num_channels",
+        m.num_channels,
+        "ADM's GroupNorm uses 32 groups, so use a multiple of 32",
+    )
 
 
 def _validate_diffusion(config) -> None:
-  from adv_diffusion import diffusion, timestep_sampler
+  from adv_diffusion import diffusion, schedules, timestep_sampler
 
-  _check_choice(config, "diffusion.noise_schedule", diffusion.BETA_SCHEDULES)
+  _check_choice(config, "diffusion.noise_schedule", schedules.BETA_SCHEDULES)
   _check_int(config, "diffusion.num_timesteps", 2)
   _check_choice(config, "diffusion.loss_type", diffusion.LOSS_TYPES)
   _check_choice(config, "diffusion.timestep_sampler", timestep_sampler.KINDS)
@@ -149,8 +197,11 @@ def _validate_adversarial(config) -> None:
   _check_choice(config, "adversarial.radius_schedule", adversarial.RADIUS_SCHEDULES)
   _check_int(config, "adversarial.radius_grid_steps", 1)
   if config.adversarial.radius_grid_steps > config.diffusion.num_timesteps:
-    _fail("adversarial.radius_grid_steps", config.adversarial.radius_grid_steps,
-          f"use at most diffusion.num_timesteps = {config.diffusion.num_timesteps}")
+    _fail(
+        "adversarial.radius_grid_steps",
+        config.adversarial.radius_grid_steps,
+        f"use at most diffusion.num_timesteps = {config.diffusion.num_timesteps}",
+    )
 
 
 def _validate_consistency(config) -> None:
@@ -162,8 +213,11 @@ def _validate_consistency(config) -> None:
     return
   _check_int(config, "consistency.num_scales", 2)
   if cm.num_scales > config.diffusion.num_timesteps - 1:
-    _fail("consistency.num_scales", cm.num_scales,
-          f"use at most diffusion.num_timesteps − 1 = {config.diffusion.num_timesteps - 1}")
+    _fail(
+        "consistency.num_scales",
+        cm.num_scales,
+        f"use at most diffusion.num_timesteps − 1 = {config.diffusion.num_timesteps - 1}",
+    )
   _check_int(config, "consistency.skip", 1)
   if cm.skip > cm.num_scales:
     _fail("consistency.skip", cm.skip, f"use at most consistency.num_scales = {cm.num_scales}")
@@ -178,8 +232,11 @@ def _validate_consistency(config) -> None:
   _check_int(config, "consistency.target_ema_ramp_updates", 0)
   if cm.mode == "distill":
     if not cm.teacher:
-      _fail("consistency.teacher", cm.teacher,
-            "consistency distillation needs the workdir of a trained diffusion model")
+      _fail(
+          "consistency.teacher",
+          cm.teacher,
+          "consistency distillation needs the workdir of a trained diffusion model",
+      )
     if cm.teacher_step < -1:
       _fail("consistency.teacher_step", cm.teacher_step, "use -1 (latest) or a step ≥ 0")
     _check_int(config, "consistency.teacher_ema_index", 0)
@@ -191,17 +248,22 @@ def _validate_lpips(config) -> None:
   cm = config.consistency
   _check_int(config, "consistency.lpips_resize", 0)
   if 0 < cm.lpips_resize < lpips.MIN_SIZE or (
-      cm.lpips_resize == 0 and config.data.image_size < lpips.MIN_SIZE):
-    _fail("consistency.lpips_resize", cm.lpips_resize,
-          f"LPIPS-VGG needs images of at least {lpips.MIN_SIZE} pixels (data.image_size = "
-          f"{config.data.image_size}); use {lpips.MIN_SIZE} or more, or 0 for images that large")
+      cm.lpips_resize == 0 and config.data.image_size < lpips.MIN_SIZE
+  ):
+    _fail(
+        "consistency.lpips_resize",
+        cm.lpips_resize,
+        f"LPIPS-VGG needs images of at least {lpips.MIN_SIZE} pixels (data.image_size = "
+        f"{config.data.image_size}); use {lpips.MIN_SIZE} or more, or 0 for images that large",
+    )
   if not isinstance(cm.lpips_weights, str):
     _fail("consistency.lpips_weights", cm.lpips_weights, "use a file path or '' (the default)")
   path = lpips.resolve_weights_path(cm.lpips_weights)
   if not os.path.isfile(path):
     # config.consistency.lpips_weights = '' means the default file.
-    raise ConfigError(f"config.consistency.distance = 'lpips' but "
-                      f"{lpips.missing_weights_message(path)}")
+    raise ConfigError(
+        f"config.consistency.distance = 'lpips' but " f"{lpips.missing_weights_message(path)}"
+    )
 
 
 def _validate_table(config) -> None:
@@ -231,7 +293,6 @@ def _validate_story(config) -> None:
     _fail("story.nfes", st.nfes, "use a non-empty tuple of positive integers")
 
 
-
 def _validate_robustness(config) -> None:
   from sampling.perturbations import KINDS
 
@@ -241,13 +302,19 @@ def _validate_robustness(config) -> None:
   _check_int(config, "robustness.num_samples", 2)
   if not r.kinds or any(k not in KINDS for k in r.kinds):
     _fail("robustness.kinds", r.kinds, f"use a non-empty tuple of {list(KINDS)}")
-  if not r.budgets or any(isinstance(b, bool) or not isinstance(b, (int, float))
-                          or not 0 < b < float("inf") for b in r.budgets):
+  if not r.budgets or any(
+      isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < float("inf")
+      for b in r.budgets
+  ):
     _fail("robustness.budgets", r.budgets, "use a non-empty tuple of positive numbers (ρ)")
-  if not r.attack_steps or any(isinstance(i, bool) or not isinstance(i, int)
-                               or not 0 <= i < r.nfe for i in r.attack_steps):
-    _fail("robustness.attack_steps", r.attack_steps,
-          f"use a non-empty tuple of sampler step indices in [0, robustness.nfe = {r.nfe})")
+  if not r.attack_steps or any(
+      isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < r.nfe for i in r.attack_steps
+  ):
+    _fail(
+        "robustness.attack_steps",
+        r.attack_steps,
+        f"use a non-empty tuple of sampler step indices in [0, robustness.nfe = {r.nfe})",
+    )
 
 
 def _validate_sampling(config) -> None:
@@ -261,8 +328,11 @@ def _validate_sampling(config) -> None:
   _check_int(config, "sampling.seed", 0)
   _check_int(config, "sampling.ema_index", 0)
   if s.ema_index >= len(config.train.ema_rates):
-    _fail("sampling.ema_index", s.ema_index,
-          f"use an index below the {len(config.train.ema_rates)} rate(s) of train.ema_rates")
+    _fail(
+        "sampling.ema_index",
+        s.ema_index,
+        f"use an index below the {len(config.train.ema_rates)} rate(s) of train.ema_rates",
+    )
   _check_int(config, "sampling.checkpoint_step", -1)
   for key in ("use_ema", "clip_denoised"):
     if not isinstance(s[key], bool):
@@ -291,9 +361,17 @@ def _validate_torch_io(config) -> None:
 
 
 _VALIDATORS = {
-    "data": _validate_data, "model": _validate_model, "diffusion": _validate_diffusion,
-    "optim": _validate_optim, "train": _validate_train, "adversarial": _validate_adversarial,
-    "consistency": _validate_consistency, "table": _validate_table,
-    "robustness": _validate_robustness, "story": _validate_story, "sampling": _validate_sampling,
-    "evaluation": _validate_evaluation, "torch_io": _validate_torch_io,
+    "data": _validate_data,
+    "model": _validate_model,
+    "diffusion": _validate_diffusion,
+    "optim": _validate_optim,
+    "train": _validate_train,
+    "adversarial": _validate_adversarial,
+    "consistency": _validate_consistency,
+    "table": _validate_table,
+    "robustness": _validate_robustness,
+    "story": _validate_story,
+    "sampling": _validate_sampling,
+    "evaluation": _validate_evaluation,
+    "torch_io": _validate_torch_io,
 }

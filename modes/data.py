@@ -50,10 +50,12 @@ def load_digits() -> InMemoryDataset:
 
   bunch = sk_load_digits()
   small = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8)
-  big = np.stack([
-      np.asarray(Image.fromarray(img).resize((16, 16), Image.Resampling.BILINEAR))
-      for img in small
-  ])
+  big = np.stack(
+      [
+          np.asarray(Image.fromarray(img).resize((16, 16), Image.Resampling.BILINEAR))
+          for img in small
+      ]
+  )
   return InMemoryDataset(big[..., None], bunch.target.astype(np.int32))
 
 
@@ -71,14 +73,16 @@ def load_tfds(name: str, split: str, data_dir: str) -> InMemoryDataset:
     raise DatasetNotPreparedError(
         f"TFDS dataset {name!r} is not prepared in {where}; prepare it once on a machine with "
         f"internet access with `tfds build {name}"
-        + (f" --data_dir={data_dir}" if data_dir else "") + "` and copy the directory here."
+        + (f" --data_dir={data_dir}" if data_dir else "")
+        + "` and copy the directory here."
     ) from exc
   images, labels = [], []
   for batch in tfds.as_numpy(ds.batch(4096)):
     images.append(batch["image"])
     labels.append(batch["label"])
-  return InMemoryDataset(np.concatenate(images).astype(np.uint8),
-                         np.concatenate(labels).astype(np.int32))
+  return InMemoryDataset(
+      np.concatenate(images).astype(np.uint8), np.concatenate(labels).astype(np.int32)
+  )
 
 
 def load_dataset(name: str, split: str = "train", data_dir: str = "") -> InMemoryDataset:
@@ -89,8 +93,9 @@ def load_dataset(name: str, split: str = "train", data_dir: str = "") -> InMemor
   dataset = load_digits() if name == "digits" else load_tfds(spec.tfds_name, split, data_dir)
   expected = (spec.image_size, spec.image_size, spec.channels)
   if dataset.images.shape[1:] != expected:
-    raise ValueError(f"dataset {name!r} has images of shape {dataset.images.shape[1:]}, "
-                     f"expected {expected}")
+    raise ValueError(
+        f"dataset {name!r} has images of shape {dataset.images.shape[1:]}, " f"expected {expected}"
+    )
   return dataset
 
 
@@ -110,17 +115,24 @@ def global_batch_indices(num_examples: int, batch_size: int, step: int, seed: in
     epoch, offset = divmod(start + filled, num_examples)
     perm = _epoch_permutation(num_examples, seed, epoch)
     take = min(batch_size - filled, num_examples - offset)
-    indices[filled:filled + take] = perm[offset:offset + take]
+    indices[filled : filled + take] = perm[offset : offset + take]
     filled += take
   return indices
 
 
-def batch_iterator(dataset: InMemoryDataset, global_batch_size: int, start_step: int, seed: int,
-                   process_index: int = 0, process_count: int = 1
-                   ) -> Iterator[dict[str, np.ndarray]]:
+def batch_iterator(
+    dataset: InMemoryDataset,
+    global_batch_size: int,
+    start_step: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
   """Yields this process's rows {"image": uint8, "label": int32} of each global batch."""
   if global_batch_size % process_count:
-    raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} processes")
+    raise ValueError(
+        f"global batch {global_batch_size} is not divisible by {process_count} processes"
+    )
   local = global_batch_size // process_count
   rows = slice(process_index * local, (process_index + 1) * local)
   step = start_step

@@ -21,8 +21,13 @@ def _from_env(value, name: str, cast=str):
   return cast(raw) if raw else None
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, auto: bool = False) -> bool:
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    auto: bool = False,
+) -> bool:
   """Connects this process to the others; returns whether a multi-process runtime started.
 
   Must run before any other JAX call. Missing explicit values are read from the environment.
@@ -37,18 +42,27 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       return False
     jax.distributed.initialize()  # cluster auto-detection (TPU, SLURM, Open MPI, k8s)
     return True
-  missing = [name for name, value in (("--coordinator_address", address),
-                                      ("--num_processes", count), ("--process_id", index))
-             if value is None]
+  missing = [
+      name
+      for name, value in (
+          ("--coordinator_address", address),
+          ("--num_processes", count),
+          ("--process_id", index),
+      )
+      if value is None
+  ]
   if missing:
-    raise ConfigError(f"multi-host start-up needs {', '.join(missing)} as well (or the matching "
-                      "JAX_* environment variables); give all three, or --multihost alone on a "
-                      "TPU pod or SLURM cluster.")
+    raise ConfigError(
+        f"multi-host start-up needs {', '.join(missing)} as well (or the matching "
+        "JAX_* environment variables); give all three, or --multihost alone on a "
+        "TPU pod or SLURM cluster."
+    )
   if not 0 <= index < count:
-    raise ConfigError(f"--process_id = {index} is not allowed: it must be in [0, {count}) for "
-                      f"--num_processes = {count}.")
-  jax.distributed.initialize(coordinator_address=address, num_processes=count,
-                             process_id=index)
+    raise ConfigError(
+        f"--process_id = {index} is not allowed: it must be in [0, {count}) for "
+        f"--num_processes = {count}."
+    )
+  jax.distributed.initialize(coordinator_address=address, num_processes=count, process_id=index)
   return True
 
 

@@ -41,23 +41,34 @@ def run_fid_stats(config: ml_collections.ConfigDict, workdir: str) -> str:
   dataset = data_lib.load_dataset(d.dataset, d.split, d.data_dir)
   images = dataset.images
   if e.max_reference_images:
-    images = images[:e.max_reference_images]
+    images = images[: e.max_reference_images]
   if os.path.isfile(path):
-    cached = metrics.load_reference(path, _weights_path(config), e.resize_rule, e.batch_size,
-                                    progress=False)
+    cached = metrics.load_reference(
+        path, _weights_path(config), e.resize_rule, e.batch_size, progress=False
+    )
     record = cached.provenance
     if (record.get("dataset"), record.get("split"), record.get("count")) == (
-        d.dataset, d.split, int(images.shape[0])):
+        d.dataset,
+        d.split,
+        int(images.shape[0]),
+    ):
       logging.info("Reference statistics already in %s.", path)
       return path
-  _, pool, spatial = metrics.image_statistics(images, _weights_path(config), e.resize_rule,
-                                              e.batch_size)
-  record = dict(pool.provenance, dataset=d.dataset, split=d.split,
-                data_dir=d.data_dir or "TFDS default")
+  _, pool, spatial = metrics.image_statistics(
+      images, _weights_path(config), e.resize_rule, e.batch_size
+  )
+  record = dict(
+      pool.provenance, dataset=d.dataset, split=d.split, data_dir=d.data_dir or "TFDS default"
+  )
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   statistics_file.save_reference(path, metrics.Reference(pool, spatial, None, record))
-  logging.info("Wrote reference statistics of %d %s/%s images to %s.", images.shape[0],
-               d.dataset, d.split, path)
+  logging.info(
+      "Wrote reference statistics of %d %s/%s images to %s.",
+      images.shape[0],
+      d.dataset,
+      d.split,
+      path,
+  )
   return path
 
 
@@ -69,14 +80,19 @@ def samples_path(config: ml_collections.ConfigDict, workdir: str) -> str:
 
   directory = os.path.join(workdir, "samples")
   prefix = generate.sample_tag(config, 0).split("_step")[0] + "_step"
-  candidates = sorted((f for f in os.listdir(directory) if f.startswith(prefix)
-                       and f.endswith(".npz")) if os.path.isdir(directory) else [],
-                      key=lambda f: os.path.getmtime(os.path.join(directory, f)))
+  candidates = sorted(
+      (f for f in os.listdir(directory) if f.startswith(prefix) and f.endswith(".npz"))
+      if os.path.isdir(directory)
+      else [],
+      key=lambda f: os.path.getmtime(os.path.join(directory, f)),
+  )
   if not candidates:
     from modes.errors import UserFacingError
+
     raise UserFacingError(
         f"no sample set {prefix}*.npz in {directory}; generate one first with --mode=sample "
-        "and the same config, or set config.evaluation.samples to an .npz path.")
+        "and the same config, or set config.evaluation.samples to an .npz path."
+    )
   return os.path.join(directory, candidates[-1])
 
 
@@ -87,8 +103,11 @@ def evaluate_samples(config: ml_collections.ConfigDict, workdir: str) -> dict:
   reference = reference_path(config, workdir)
   if not os.path.isfile(reference):
     from modes.errors import UserFacingError
-    raise UserFacingError(f"reference statistics {reference} do not exist; compute them first "
-                          "with --mode=fid_stats and the same config.")
+
+    raise UserFacingError(
+        f"reference statistics {reference} do not exist; compute them first "
+        "with --mode=fid_stats and the same config."
+    )
   path = samples_path(config, workdir)
   with np.load(path, allow_pickle=False) as data:
     samples = data["arr_0"]
@@ -97,17 +116,26 @@ def evaluate_samples(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if os.path.isfile(sidecar):  # written by --mode=sample: step, EMA or raw, sampler, rounding
     with open(sidecar) as f:
       provenance["samples_provenance"] = json.load(f)
-  result = metrics.evaluate(samples, reference, _weights_path(config), e.resize_rule,
-                            e.batch_size, inception_score=None,
-                            precision_recall=e.precision_recall, provenance=provenance,
-                            fid_method=e.fid_method)
+  result = metrics.evaluate(
+      samples,
+      reference,
+      _weights_path(config),
+      e.resize_rule,
+      e.batch_size,
+      inception_score=None,
+      precision_recall=e.precision_recall,
+      provenance=provenance,
+      fid_method=e.fid_method,
+  )
   out = record_path(path, workdir)
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w") as f:
     json.dump(result, f, indent=2, default=float)
   logging.info("FID %.3f over %d samples -> %s", result["fid"], samples.shape[0], out)
-  print(f"FID {result['fid']:.4f} ({samples.shape[0]} samples, reference "
-        f"{result['provenance']['reference_count']} images) -> {out}")
+  print(
+      f"FID {result['fid']:.4f} ({samples.shape[0]} samples, reference "
+      f"{result['provenance']['reference_count']} images) -> {out}"
+  )
   return result
 
 

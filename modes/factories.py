@@ -41,11 +41,13 @@ def create_unet(config: ml_collections.ConfigDict) -> UNet:
   )
 
 
-def create_diffusion(config: ml_collections.ConfigDict, respacing: str | None = None
-                     ) -> GaussianDiffusion:
+def create_diffusion(
+    config: ml_collections.ConfigDict, respacing: str | None = None
+) -> GaussianDiffusion:
   """The training process of `config.diffusion`, optionally respaced (ADM respacing string)."""
-  return GaussianDiffusion.create(config.diffusion.noise_schedule,
-                                  config.diffusion.num_timesteps, respacing=respacing)
+  return GaussianDiffusion.create(
+      config.diffusion.noise_schedule, config.diffusion.num_timesteps, respacing=respacing
+  )
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
@@ -57,8 +59,13 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
 
 def create_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """AdamW as torch.optim.AdamW (ADM), with optional global-norm gradient clipping."""
-  adamw = optax.adamw(learning_rate_schedule(optim), b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                      weight_decay=optim.weight_decay)
+  adamw = optax.adamw(
+      learning_rate_schedule(optim),
+      b1=optim.b1,
+      b2=optim.b2,
+      eps=optim.eps,
+      weight_decay=optim.weight_decay,
+  )
   if optim.grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), adamw)
   return adamw
@@ -67,8 +74,9 @@ def create_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransfor
 def _fields(cls: type, section: ml_collections.ConfigDict) -> dict:
   """The keys of `section` that name fields of the settings dataclass `cls`."""
   names = cls.__dataclass_fields__
-  return {k: (tuple(v) if isinstance(v, (list, tuple)) else v)
-          for k, v in section.items() if k in names}
+  return {
+      k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in section.items() if k in names
+  }
 
 
 def step_settings(config: ml_collections.ConfigDict) -> StepSettings:

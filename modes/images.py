@@ -31,8 +31,10 @@ def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 1) -> n
   grid = np.zeros((rows * (h + pad) + pad, columns * (w + pad) + pad, c), np.uint8)
   for i, img in enumerate(images):
     r, col = divmod(i, columns)
-    grid[pad + r * (h + pad):pad + r * (h + pad) + h,
-         pad + col * (w + pad):pad + col * (w + pad) + w] = img
+    grid[
+        pad + r * (h + pad) : pad + r * (h + pad) + h,
+        pad + col * (w + pad) : pad + col * (w + pad) + w,
+    ] = img
   return grid
 
 

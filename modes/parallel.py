@@ -26,13 +26,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:
   if global_batch_size % mesh.size:
     from modes.errors import ConfigError
+
     raise ConfigError(
         f"config.train.batch_size = {global_batch_size} is not allowed: it must be divisible by "
-        f"the {mesh.size} devices of the mesh.")
+        f"the {mesh.size} devices of the mesh."
+    )
 
 
 def global_batch_from_local(local_batch: Any, mesh: Mesh) -> Any:
   """Assembles each process's rows into global arrays sharded over `data`."""
   sharding = batch_sharding(mesh)
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+  )

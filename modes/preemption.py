@@ -39,6 +39,7 @@ class PreemptionWatcher:
     """Whether to save and stop after `step`; starts the grace-period watchdog when so."""
     if self._multi_process:
       from jax.experimental import multihost_utils
+
       stop = multihost_utils.reached_preemption_sync_point(step)
       if stop and self._signalled_at is None:
         self._signalled_at = time.monotonic()
@@ -52,9 +53,13 @@ class PreemptionWatcher:
     return stop
 
   def _expire(self, step: int) -> None:
-    logging.error("Preemption: the checkpoint of step %d was not saved within the %.0f s "
-                  "grace period (config.train.preemption_grace_seconds); exiting. The last "
-                  "complete checkpoint is kept.", step, self.grace_seconds)
+    logging.error(
+        "Preemption: the checkpoint of step %d was not saved within the %.0f s "
+        "grace period (config.train.preemption_grace_seconds); exiting. The last "
+        "complete checkpoint is kept.",
+        step,
+        self.grace_seconds,
+    )
     logging.flush()
     os._exit(1)
 

@@ -37,21 +37,42 @@ def attacked_sampler(config: ml_collections.ConfigDict, kind: str, rho: float) -
   """The DDIM sampler of `ddim_config(config)` with x_t perturbed at the attack steps."""
   r, diff = config.robustness, config.diffusion
   plain = sample_mode.build_sampler(ddim_config(config))
-  steps = respaced_diffusion(diff.noise_schedule, diff.num_timesteps, r.nfe,
-                             plain.options["spacing"])
+  steps = respaced_diffusion(
+      diff.noise_schedule, diff.num_timesteps, r.nfe, plain.options["spacing"]
+  )
   alphas_cumprod = GaussianDiffusion.create(diff.noise_schedule, diff.num_timesteps).alphas_cumprod
 
   def sample(model_fn, noise: jax.Array, keys: jax.Array | None = None) -> jax.Array:
     perturb = perturbations.trajectory_perturbation(
-        model_fn, kind, rho, tuple(r.attack_steps), r.nfe, alphas_cumprod, keys,
-        pgd_steps=r.pgd_steps)
-    return sample_ddim(model_fn, noise, steps, keys, eta=plain.options["eta"],
-                       clip_denoised=plain.options["clip_denoised"], perturb=perturb)[0]
+        model_fn,
+        kind,
+        rho,
+        tuple(r.attack_steps),
+        r.nfe,
+        alphas_cumprod,
+        keys,
+        pgd_steps=r.pgd_steps,
+    )
+    return sample_ddim(
+        model_fn,
+        noise,
+        steps,
+        keys,
+        eta=plain.options["eta"],
+        clip_denoised=plain.options["clip_denoised"],
+        perturb=perturb,
+    )[0]
 
   sample.nfe, sample.method = plain.nfe, plain.method
-  sample.options = dict(plain.options, attack=dict(
-      kind=kind, rho=float(rho), steps=list(r.attack_steps),
-      pgd_steps=r.pgd_steps if kind == "adversarial" else None))
+  sample.options = dict(
+      plain.options,
+      attack=dict(
+          kind=kind,
+          rho=float(rho),
+          steps=list(r.attack_steps),
+          pgd_steps=r.pgd_steps if kind == "adversarial" else None,
+      ),
+  )
   return sample
 
 
@@ -82,26 +103,49 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
     def compute() -> dict[str, Any]:
       attacked = kind != "none"
       scores = table_mode.score_samples(
-          ddim_config(config), run_dir, reference, r.num_samples,
+          ddim_config(config),
+          run_dir,
+          reference,
+          r.num_samples,
           sampler=attacked_sampler(config, kind, rho) if attacked else None,
-          tag_suffix=_attack_suffix(kind, rho, attack_steps) if attacked else "")
-      return {"label": label, "kind": kind, "rho": rho, "nfe": r.nfe,
-              "attack_steps": list(attack_steps) if attacked else [], **scores}
+          tag_suffix=_attack_suffix(kind, rho, attack_steps) if attacked else "",
+      )
+      return {
+          "label": label,
+          "kind": kind,
+          "rho": rho,
+          "nfe": r.nfe,
+          "attack_steps": list(attack_steps) if attacked else [],
+          **scores,
+      }
+
     return (f"{label}_{kind}_rho{rho:g}", f"{label} {kind} ρ = {rho:g}", compute)
 
-  results = table_mode.fill_cells([cell(*c) for c in cell_grid(config)],
-                              os.path.join(out_dir, "cells"))
+  results = table_mode.fill_cells(
+      [cell(*c) for c in cell_grid(config)], os.path.join(out_dir, "cells")
+  )
   write_outputs(results, out_dir)
   return os.path.join(out_dir, "robustness.md")
 
 
 def write_outputs(results: list[dict], out_dir: str) -> None:
   """robustness.csv (one row per cell), robustness.md (run × kind by ρ) and fid_vs_budget.png."""
-  table_mode.write_csv(os.path.join(out_dir, "robustness.csv"),
-                   ["run", "kind", "rho", "nfe", "attack_steps", "num_samples", *table_mode.METRICS],
-                   [[r["label"], r["kind"], r["rho"], r["nfe"],
-                     " ".join(map(str, r["attack_steps"])), r["num_samples"],
-                     *table_mode.metric_values(r)] for r in results])
+  table_mode.write_csv(
+      os.path.join(out_dir, "robustness.csv"),
+      ["run", "kind", "rho", "nfe", "attack_steps", "num_samples", *table_mode.METRICS],
+      [
+          [
+              r["label"],
+              r["kind"],
+              r["rho"],
+              r["nfe"],
+              " ".join(map(str, r["attack_steps"])),
+              r["num_samples"],
+              *table_mode.metric_values(r),
+          ]
+          for r in results
+      ],
+  )
   clean = {r["label"]: r for r in results if r["kind"] == "none"}
   budgets = sorted({r["rho"] for r in results})
   by_row: dict[tuple[str, str], dict[float, dict]] = {}
@@ -111,16 +155,28 @@ def write_outputs(results: list[dict], out_dir: str) -> None:
       row[r["rho"]] = r
   steps = next((r["attack_steps"] for r in results if r["attack_steps"]), [])
   counts = "/".join(map(str, sorted({r["num_samples"] for r in results})))
-  title = (f"FID under trajectory perturbation (DDIM NFE {results[0]['nfe']}, x_t perturbed "
-           f"at steps {', '.join(map(str, steps))}; {counts} samples per cell; "
-           "‖δ‖₂ ≤ ρ·sqrt(d))")
+  title = (
+      f"FID under trajectory perturbation (DDIM NFE {results[0]['nfe']}, x_t perturbed "
+      f"at steps {', '.join(map(str, steps))}; {counts} samples per cell; "
+      "‖δ‖₂ ≤ ρ·sqrt(d))"
+  )
   markdown = table_mode.markdown_grid(
-      title, ["run", "perturbation"], [f"ρ = {b:g}" for b in budgets],
-      {key: [f"{row[b]['fid']:.2f}" if b in row else "" for b in budgets]
-       for key, row in by_row.items()})
+      title,
+      ["run", "perturbation"],
+      [f"ρ = {b:g}" for b in budgets],
+      {
+          key: [f"{row[b]['fid']:.2f}" if b in row else "" for b in budgets]
+          for key, row in by_row.items()
+      },
+  )
   with open(os.path.join(out_dir, "robustness.md"), "w") as f:
     f.write(markdown)
-  table_mode.plot_lines({f"{label} / {kind}": {b: r["fid"] for b, r in row.items()}
-                     for (label, kind), row in by_row.items()},
-                    "perturbation budget ρ (per-pixel RMS of δ)",
-                    os.path.join(out_dir, "fid_vs_budget.png"), log_x=False)
+  table_mode.plot_lines(
+      {
+          f"{label} / {kind}": {b: r["fid"] for b, r in row.items()}
+          for (label, kind), row in by_row.items()
+      },
+      "perturbation budget ρ (per-pixel RMS of δ)",
+      os.path.join(out_dir, "fid_vs_budget.png"),
+      log_x=False,
+  )

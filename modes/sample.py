@@ -57,8 +57,12 @@ def sampler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return dict(clip_denoised=s.clip_denoised)
   if s.method == "consistency":
     cm = config.consistency
-    return dict(timesteps=tuple(s.cm_timesteps) or None, sigma_data=cm.sigma_data,
-                timestep_scale=cm.timestep_scale, clip_x0=cm.clip_x0)
+    return dict(
+        timesteps=tuple(s.cm_timesteps) or None,
+        sigma_data=cm.sigma_data,
+        timestep_scale=cm.timestep_scale,
+        clip_x0=cm.clip_x0,
+    )
   return {}
 
 
@@ -66,15 +70,23 @@ def build_sampler(config: ml_collections.ConfigDict) -> Sampler:
   """`make_sampler` for `config.sampling`, with its ValueErrors as one-sentence ConfigErrors."""
   s = config.sampling
   try:
-    return make_sampler(s.method, s.nfe, config.diffusion.noise_schedule,
-                        config.diffusion.num_timesteps, **sampler_options(config))
+    return make_sampler(
+        s.method,
+        s.nfe,
+        config.diffusion.noise_schedule,
+        config.diffusion.num_timesteps,
+        **sampler_options(config),
+    )
   except ValueError as exc:
-    raise ConfigError(f"config.sampling (method {s.method!r}, nfe {s.nfe}) is not allowed: "
-                      f"{str(exc).rstrip('.')}.") from exc
+    raise ConfigError(
+        f"config.sampling (method {s.method!r}, nfe {s.nfe}) is not allowed: "
+        f"{str(exc).rstrip('.')}."
+    ) from exc
 
 
-def sample_inputs(seed: int, indices: jax.Array, shape: tuple[int, ...], num_classes: int
-                  ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+def sample_inputs(
+    seed: int, indices: jax.Array, shape: tuple[int, ...], num_classes: int
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
   """(noise, step keys, labels) of samples `indices`: pure functions of (seed, index)."""
   root = jax.random.key(seed)
   keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(indices)
@@ -82,21 +94,24 @@ def sample_inputs(seed: int, indices: jax.Array, shape: tuple[int, ...], num_cla
   step_keys = jax.vmap(lambda k: jax.random.fold_in(k, _STEP_STREAM))(keys)
   labels = None
   if num_classes:
-    labels = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, _LABEL_STREAM), (), 0,
-                                                   num_classes, jnp.int32))(keys)
+    labels = jax.vmap(
+        lambda k: jax.random.randint(
+            jax.random.fold_in(k, _LABEL_STREAM), (), 0, num_classes, jnp.int32
+        )
+    )(keys)
   return noise, step_keys, labels
 
 
-def compile_batch_sampler(config: ml_collections.ConfigDict, sampler: Sampler,
-                          mesh: jax.sharding.Mesh) -> Callable:
+def compile_batch_sampler(
+    config: ml_collections.ConfigDict, sampler: Sampler, mesh: jax.sharding.Mesh
+) -> Callable:
   """Jitted (params, indices) → (samples in [-1, 1], labels), batch sharded over `data`."""
   model = create_unet(config)
   d = config.data
   shape = (d.image_size, d.image_size, d.channels)
 
   def run(params: Any, indices: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-    noise, step_keys, labels = sample_inputs(config.sampling.seed, indices, shape,
-                                             d.num_classes)
+    noise, step_keys, labels = sample_inputs(config.sampling.seed, indices, shape, d.num_classes)
 
     def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
       return model.apply({"params": params}, x, t, labels, train=False).astype(jnp.float32)
@@ -104,20 +119,25 @@ def compile_batch_sampler(config: ml_collections.ConfigDict, sampler: Sampler,
     return sampler(model_fn, noise, step_keys), labels
 
   repl = parallel.replicated(mesh)
-  return jax.jit(run, in_shardings=(repl, parallel.batch_sharding(mesh)),
-                 out_shardings=(repl, repl))
+  return jax.jit(
+      run, in_shardings=(repl, parallel.batch_sharding(mesh)), out_shardings=(repl, repl)
+  )
 
 
 def resolve_checkpoint(workdir: str, step: int) -> int:
   """The checkpoint step to sample from (`step` = -1: latest), or a one-sentence CheckpointError."""
-  how = (f"train this run first with `python main.py --mode=train` and the same --config and "
-         f"--workdir={workdir}")
-  return ckpt_lib.require_checkpoint(workdir, step, how=how, purpose="sample from",
-                                     step_key="config.sampling.checkpoint_step")
+  how = (
+      f"train this run first with `python main.py --mode=train` and the same --config and "
+      f"--workdir={workdir}"
+  )
+  return ckpt_lib.require_checkpoint(
+      workdir, step, how=how, purpose="sample from", step_key="config.sampling.checkpoint_step"
+  )
 
 
-def load_params(config: ml_collections.ConfigDict, workdir: str, step: int,
-                mesh: jax.sharding.Mesh) -> Any:
+def load_params(
+    config: ml_collections.ConfigDict, workdir: str, step: int, mesh: jax.sharding.Mesh
+) -> Any:
   """The replicated raw or EMA (`config.sampling.ema_index`) params of checkpoint `step`."""
   model = create_unet(config)
   repl = parallel.replicated(mesh)
@@ -131,9 +151,12 @@ def load_params(config: ml_collections.ConfigDict, workdir: str, step: int,
 
 def _settings_digest(config: ml_collections.ConfigDict, sampler: Sampler) -> str:
   """Short hash of everything that changes the samples beyond the tag's fields."""
-  settings = dict(options=sampler.options, num_timesteps=config.diffusion.num_timesteps,
-                  noise_schedule=config.diffusion.noise_schedule,
-                  ema_index=config.sampling.ema_index)
+  settings = dict(
+      options=sampler.options,
+      num_timesteps=config.diffusion.num_timesteps,
+      noise_schedule=config.diffusion.noise_schedule,
+      ema_index=config.sampling.ema_index,
+  )
   return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
@@ -159,8 +182,13 @@ def _chunk_ok(path: str, count: int, image_shape: tuple[int, ...], conditional: 
     return False
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *,
-                         sampler: Sampler | None = None, tag_suffix: str = "") -> str:
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    sampler: Sampler | None = None,
+    tag_suffix: str = "",
+) -> str:
   """Generates (or completes) the sample set of `config.sampling`; returns its .npz path.
 
   `sampler` replaces the one `config.sampling` names (e.g. an attacked sampler); its `options`
@@ -170,8 +198,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   s, d = config.sampling, config.data
   mesh = parallel.make_mesh()
   if s.batch_size % mesh.size:
-    raise ConfigError(f"config.sampling.batch_size = {s.batch_size} is not allowed: it must be "
-                      f"divisible by the {mesh.size} devices of the mesh.")
+    raise ConfigError(
+        f"config.sampling.batch_size = {s.batch_size} is not allowed: it must be "
+        f"divisible by the {mesh.size} devices of the mesh."
+    )
   sampler = sampler or build_sampler(config)
   step = resolve_checkpoint(workdir, s.checkpoint_step)
   is_main = jax.process_index() == 0
@@ -193,9 +223,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   pending = [b for b in starts if not _chunk_ok(path(b), count(b), image_shape, conditional)]
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices("sampling: pending chunks listed")
-  logging.info("Sampling %s from step %d: %d of %d chunks of %d to do in %s.", tag, step,
-               len(pending), len(starts), s.batch_size, chunk_dir)
+  logging.info(
+      "Sampling %s from step %d: %d of %d chunks of %d to do in %s.",
+      tag,
+      step,
+      len(pending),
+      len(starts),
+      s.batch_size,
+      chunk_dir,
+  )
   if is_main:
     os.makedirs(chunk_dir, exist_ok=True)
 
@@ -206,14 +244,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     progress = None
     if is_main:
       from tqdm import tqdm
+
       done = s.num_samples - sum(count(b) for b in pending)
       progress = tqdm(total=s.num_samples, initial=done, unit="sample", desc=tag)
     for start in pending:
       n = count(start)
       # Pad the last batch with the following indices; their samples are dropped.
       indices = np.arange(start, start + s.batch_size, dtype=np.int32)
-      global_indices = jax.make_array_from_callback(indices.shape, sharding,
-                                                    lambda idx: indices[idx])
+      global_indices = jax.make_array_from_callback(
+          indices.shape, sharding, lambda idx: indices[idx]
+      )
       samples, labels = run(params, global_indices)
       if is_main:
         arrays = {"arr_0": image_lib.to_uint8(np.asarray(samples)[:n], ROUNDING)}
@@ -234,15 +274,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     if images.shape[0] != s.num_samples:
       raise RuntimeError(f"assembled {images.shape[0]} samples, expected {s.num_samples}")
     _write_npz_atomic(out_path, **arrays)
-    image_lib.save_png(os.path.join(samples_dir, f"{tag}.png"),
-                       image_lib.make_grid(images[:GRID_SIZE]), upscale=2)
-    provenance = dict(checkpoint_step=step, weights="ema" if s.use_ema else "raw",
-                      ema_index=s.ema_index if s.use_ema else None,
-                      ema_rate=config.train.ema_rates[s.ema_index] if s.use_ema else None,
-                      method=s.method, nfe=sampler.nfe, num_samples=s.num_samples, seed=s.seed,
-                      batch_size=s.batch_size, rounding=ROUNDING,
-                      sampler_options=dict(sampler.options),
-                      workdir=os.path.abspath(workdir))
+    image_lib.save_png(
+        os.path.join(samples_dir, f"{tag}.png"), image_lib.make_grid(images[:GRID_SIZE]), upscale=2
+    )
+    provenance = dict(
+        checkpoint_step=step,
+        weights="ema" if s.use_ema else "raw",
+        ema_index=s.ema_index if s.use_ema else None,
+        ema_rate=config.train.ema_rates[s.ema_index] if s.use_ema else None,
+        method=s.method,
+        nfe=sampler.nfe,
+        num_samples=s.num_samples,
+        seed=s.seed,
+        batch_size=s.batch_size,
+        rounding=ROUNDING,
+        sampler_options=dict(sampler.options),
+        workdir=os.path.abspath(workdir),
+    )
     tmp = os.path.join(samples_dir, f"{tag}.json.tmp")
     with open(tmp, "w") as f:
       json.dump(provenance, f, indent=2, sort_keys=True, default=str)

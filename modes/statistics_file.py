@@ -9,8 +9,12 @@ from evaluation.inception import file_sha256
 from evaluation.metrics import Reference
 
 
-def save_statistics(path: str, pool: fid.FIDStatistics, spatial: fid.FIDStatistics | None = None,
-                    provenance: dict | None = None) -> str:
+def save_statistics(
+    path: str,
+    pool: fid.FIDStatistics,
+    spatial: fid.FIDStatistics | None = None,
+    provenance: dict | None = None,
+) -> str:
   """Writes `fid.statistics_arrays` as an npz file at `path`; returns the file's sha256."""
   arrays = fid.statistics_arrays(pool, spatial, provenance)
   os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)

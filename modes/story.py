@@ -40,8 +40,9 @@ def _copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return cfg
 
 
-def stage_configs(config: ml_collections.ConfigDict, workdir: str
-                  ) -> dict[str, ml_collections.ConfigDict]:
+def stage_configs(
+    config: ml_collections.ConfigDict, workdir: str
+) -> dict[str, ml_collections.ConfigDict]:
   """The run config of every stage; the AT config is `config` itself."""
   story = config.story
   clean_dir = story.clean_workdir or os.path.join(workdir, "clean")
@@ -76,8 +77,9 @@ def _finished(run_dir: str, num_steps: int) -> bool:
     return json.load(f).get("step", -1) >= num_steps
 
 
-def table_config(config: ml_collections.ConfigDict, run_dirs: dict[str, str]
-                 ) -> ml_collections.ConfigDict:
+def table_config(
+    config: ml_collections.ConfigDict, run_dirs: dict[str, str]
+) -> ml_collections.ConfigDict:
   cfg = _copy(config)
   story = config.story
   cfg.table.runs = ",".join(f"{label}={run_dirs[name]}" for name, label in TABULATED.items())
@@ -100,14 +102,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str | None:
     if _finished(run_dir, cfg.train.num_steps):
       logging.info("Story stage %d/4 (%s): done before, in %s.", number, name, run_dir)
       continue
-    logging.info("Story stage %d/4 (%s): %d steps in %s.", number, name, cfg.train.num_steps,
-                 run_dir)
+    logging.info(
+        "Story stage %d/4 (%s): %d steps in %s.", number, name, cfg.train.num_steps, run_dir
+    )
     train.train(cfg, run_dir)
     if not _finished(run_dir, cfg.train.num_steps):  # preempted: the stage saved and returned
       return None
-  logging.info("Story stage 4/4: samples and FID (%s × NFE %s, %d samples per cell).",
-               "/".join(config.story.methods), "/".join(map(str, config.story.nfes)),
-               config.story.num_samples)
+  logging.info(
+      "Story stage 4/4: samples and FID (%s × NFE %s, %d samples per cell).",
+      "/".join(config.story.methods),
+      "/".join(map(str, config.story.nfes)),
+      config.story.num_samples,
+  )
   path = tables.run(table_config(config, run_dirs), workdir)
   with open(path) as f:
     print(f.read())

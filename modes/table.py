@@ -26,10 +26,16 @@ from modes.errors import ConfigError
 
 # Published CIFAR-10 FIDs (50K samples) quoted in PAPER.md §7: (run label, method, NFE) → FID.
 PUBLISHED_CIFAR10: dict[tuple[str, str, int], float] = {
-    ("ADM", "ddim", 10): 22.62, ("ADM", "ddim", 20): 10.52, ("ADM", "ddim", 50): 4.55,
-    ("ADM-AT", "ddim", 10): 15.88, ("ADM-AT", "ddim", 20): 6.60, ("ADM-AT", "ddim", 50): 3.34,
-    ("ADM", "ancestral", 20): 10.36, ("ADM", "ancestral_es", 20): 5.15,
-    ("CD", "consistency", 1): 3.55, ("CD", "consistency", 2): 2.93,  # LPIPS distance
+    ("ADM", "ddim", 10): 22.62,
+    ("ADM", "ddim", 20): 10.52,
+    ("ADM", "ddim", 50): 4.55,
+    ("ADM-AT", "ddim", 10): 15.88,
+    ("ADM-AT", "ddim", 20): 6.60,
+    ("ADM-AT", "ddim", 50): 3.34,
+    ("ADM", "ancestral", 20): 10.36,
+    ("ADM", "ancestral_es", 20): 5.15,
+    ("CD", "consistency", 1): 3.55,
+    ("CD", "consistency", 2): 2.93,  # LPIPS distance
 }
 PUBLISHED = {"cifar10": PUBLISHED_CIFAR10}  # dataset → published numbers
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
@@ -41,17 +47,20 @@ def published_fid(dataset: str, label: str, method: str, nfe: int) -> float | No
 
 
 def parse_runs(spec: str) -> list[tuple[str, str]]:
-  """"ADM=runs/a,ADM-AT=runs/b" → [("ADM", "runs/a"), ("ADM-AT", "runs/b")]."""
+  """ "ADM=runs/a,ADM-AT=runs/b" → [("ADM", "runs/a"), ("ADM-AT", "runs/b")]."""
   runs = []
   for item in filter(None, (part.strip() for part in spec.split(","))):
     label, sep, workdir = item.partition("=")
     if not sep or not label or not workdir:
-      raise ConfigError(f"config.table.runs = {spec!r} is not allowed: use LABEL=WORKDIR pairs "
-                        "separated by commas, e.g. 'ADM=runs/cifar10_adm,ADM-AT=runs/cifar10_at'.")
+      raise ConfigError(
+          f"config.table.runs = {spec!r} is not allowed: use LABEL=WORKDIR pairs "
+          "separated by commas, e.g. 'ADM=runs/cifar10_adm,ADM-AT=runs/cifar10_at'."
+      )
     runs.append((label.strip(), workdir.strip()))
   if not runs:
-    raise ConfigError("config.table.runs is empty: name the runs to tabulate as "
-                      "'LABEL=WORKDIR,...'.")
+    raise ConfigError(
+        "config.table.runs is empty: name the runs to tabulate as " "'LABEL=WORKDIR,...'."
+    )
   return runs
 
 
@@ -87,13 +96,21 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: str) -> str
   """The reference statistics of `config.data`, computed once into `config.evaluation.reference`
   (default WORKDIR/eval/reference.npz) and reused while they describe the same images."""
   ref_config = ml_collections.ConfigDict(config.to_dict())
-  ref_config.evaluation.reference = (config.evaluation.reference
-                                     or os.path.join(workdir, "eval", "reference.npz"))
+  ref_config.evaluation.reference = config.evaluation.reference or os.path.join(
+      workdir, "eval", "reference.npz"
+  )
   return eval_modes.run_fid_stats(ref_config, workdir)
 
 
-def score_samples(config: ml_collections.ConfigDict, run_dir: str, reference: str,
-                  num_samples: int, *, sampler=None, tag_suffix: str = "") -> dict[str, Any]:
+def score_samples(
+    config: ml_collections.ConfigDict,
+    run_dir: str,
+    reference: str,
+    num_samples: int,
+    *,
+    sampler=None,
+    tag_suffix: str = "",
+) -> dict[str, Any]:
   """Generates `num_samples` samples of `config.sampling` from the run in `run_dir` (resumable)
   and scores them: the METRICS, the sample count and the provenance of the numbers."""
   from modes import sample as generate
@@ -101,11 +118,14 @@ def score_samples(config: ml_collections.ConfigDict, run_dir: str, reference: st
   cfg = ml_collections.ConfigDict(config.to_dict())
   cfg.sampling.num_samples = num_samples
   cfg.evaluation.reference = reference
-  cfg.evaluation.samples = generate.run(cfg, run_dir, sampler=sampler,
-                                                         tag_suffix=tag_suffix)
+  cfg.evaluation.samples = generate.run(cfg, run_dir, sampler=sampler, tag_suffix=tag_suffix)
   result = eval_modes.evaluate_samples(cfg, run_dir)
-  return {"workdir": os.path.abspath(run_dir), "num_samples": num_samples,
-          **{m: result.get(m) for m in METRICS}, "provenance": result.get("provenance", {})}
+  return {
+      "workdir": os.path.abspath(run_dir),
+      "num_samples": num_samples,
+      **{m: result.get(m) for m in METRICS},
+      "provenance": result.get("provenance", {}),
+  }
 
 
 def fill_cells(cells: list[tuple[str, str, Callable[[], dict]]], cell_dir: str) -> list[dict]:
@@ -140,8 +160,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
       cfg = ml_collections.ConfigDict(config.to_dict())
       cfg.sampling.method, cfg.sampling.nfe = method, nfe
       scores = score_samples(cfg, run_dir, reference, config.table.num_samples)
-      return {"label": label, "method": method, "nfe": nfe,
-              "published_fid": published_fid(config.data.dataset, label, method, nfe), **scores}
+      return {
+          "label": label,
+          "method": method,
+          "nfe": nfe,
+          "published_fid": published_fid(config.data.dataset, label, method, nfe),
+          **scores,
+      }
+
     return f"{label}_{method}_nfe{nfe}", f"{label} {method} NFE {nfe}", compute
 
   results = fill_cells([cell(*c) for c in grid], os.path.join(out_dir, "cells"))
@@ -160,11 +186,16 @@ def metric_values(result: dict) -> list[str]:
   return ["" if result.get(m) is None else f"{result[m]:.4f}" for m in METRICS]
 
 
-def markdown_grid(title: str, row_header: list[str], columns: list[str],
-                  rows: dict[tuple, list[str]]) -> str:
+def markdown_grid(
+    title: str, row_header: list[str], columns: list[str], rows: dict[tuple, list[str]]
+) -> str:
   """A markdown table: `title`, then one line per row key (its fields first, then the cells)."""
-  lines = [title, "", "| " + " | ".join(row_header + columns) + " |",
-           "|" + " --- |" * (len(row_header) + len(columns))]
+  lines = [
+      title,
+      "",
+      "| " + " | ".join(row_header + columns) + " |",
+      "|" + " --- |" * (len(row_header) + len(columns)),
+  ]
   for key, cells in rows.items():
     lines.append("| " + " | ".join([*map(str, key), *cells]) + " |")
   return "\n".join(lines) + "\n"
@@ -172,10 +203,21 @@ def markdown_grid(title: str, row_header: list[str], columns: list[str],
 
 def write_outputs(results: list[dict], out_dir: str) -> None:
   """table.csv (one row per cell), table.md (FID: ours (published)) and fid_vs_nfe.png."""
-  write_csv(os.path.join(out_dir, "table.csv"),
-            ["run", "method", "nfe", "num_samples", *METRICS, "published_fid"],
-            [[r["label"], r["method"], r["nfe"], r["num_samples"], *metric_values(r),
-              "" if r["published_fid"] is None else r["published_fid"]] for r in results])
+  write_csv(
+      os.path.join(out_dir, "table.csv"),
+      ["run", "method", "nfe", "num_samples", *METRICS, "published_fid"],
+      [
+          [
+              r["label"],
+              r["method"],
+              r["nfe"],
+              r["num_samples"],
+              *metric_values(r),
+              "" if r["published_fid"] is None else r["published_fid"],
+          ]
+          for r in results
+      ],
+  )
   nfes = sorted({r["nfe"] for r in results})
   by_row: dict[tuple[str, str], dict[int, dict]] = {}
   for r in results:
@@ -188,22 +230,37 @@ def write_outputs(results: list[dict], out_dir: str) -> None:
     return f"{r['fid']:.2f}{published}"
 
   counts = sorted({r["num_samples"] for r in results})
-  published = ("; published 50K in parentheses"
-               if any(r["published_fid"] is not None for r in results) else "")
+  published = (
+      "; published 50K in parentheses"
+      if any(r["published_fid"] is not None for r in results)
+      else ""
+  )
   title = f"FID (ours, {'/'.join(map(str, counts))} samples{published})"
-  markdown = markdown_grid(title, ["run", "sampler"], [f"NFE {n}" for n in nfes],
-                           {key: [text(row.get(n)) for n in nfes] for key, row in by_row.items()})
+  markdown = markdown_grid(
+      title,
+      ["run", "sampler"],
+      [f"NFE {n}" for n in nfes],
+      {key: [text(row.get(n)) for n in nfes] for key, row in by_row.items()},
+  )
   with open(os.path.join(out_dir, "table.md"), "w") as f:
     f.write(markdown)
-  plot_lines({f"{label} / {method}": {n: r["fid"] for n, r in row.items()}
-              for (label, method), row in by_row.items()},
-             "NFE", os.path.join(out_dir, "fid_vs_nfe.png"), log_x=True)
+  plot_lines(
+      {
+          f"{label} / {method}": {n: r["fid"] for n, r in row.items()}
+          for (label, method), row in by_row.items()
+      },
+      "NFE",
+      os.path.join(out_dir, "fid_vs_nfe.png"),
+      log_x=True,
+  )
 
 
-def plot_lines(series: dict[str, dict[float, float]], xlabel: str, path: str, *,
-               log_x: bool) -> None:
+def plot_lines(
+    series: dict[str, dict[float, float]], xlabel: str, path: str, *, log_x: bool
+) -> None:
   """A PNG with one FID line per series (x → FID)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 

@@ -27,26 +27,33 @@ def check_teacher_model(config: ml_collections.ConfigDict) -> None:
   with open(path) as f:
     teacher_model = json.load(f)["model"]
   ours = json.loads(config.model.to_json_best_effort())
-  differ = sorted(k for k in ours if k in teacher_model and teacher_model[k] != ours[k]
-                  and k not in ("dropout", "compute_dtype", "remat"))
+  differ = sorted(
+      k
+      for k in ours
+      if k in teacher_model
+      and teacher_model[k] != ours[k]
+      and k not in ("dropout", "compute_dtype", "remat")
+  )
   if differ:
-    raise ConfigError(f"config.model differs from the teacher run {config.consistency.teacher} "
-                      f"in {differ}; a consistency student starts from its teacher and must use "
-                      "the same network settings.")
+    raise ConfigError(
+        f"config.model differs from the teacher run {config.consistency.teacher} "
+        f"in {differ}; a consistency student starts from its teacher and must use "
+        "the same network settings."
+    )
 
 
-def load_teacher(config: ml_collections.ConfigDict, params_like: Any
-                 ) -> tuple[Any, int]:
+def load_teacher(config: ml_collections.ConfigDict, params_like: Any) -> tuple[Any, int]:
   """The frozen teacher weights (EMA `teacher_ema_index` or raw) and the teacher's step."""
   cm = config.consistency
   count = teacher_ema_count(cm.teacher, len(config.train.ema_rates))
   target = {"params": params_like, "ema_params": tuple(params_like for _ in range(count))}
-  model, step = ckpt_lib.load_model_weights(cm.teacher, cm.teacher_step, target,
-                                            cm.teacher_command)
+  model, step = ckpt_lib.load_model_weights(cm.teacher, cm.teacher_step, target, cm.teacher_command)
   if not cm.teacher_use_ema:
     return model["params"], step
   if cm.teacher_ema_index >= count:
-    raise CheckpointError(f"config.consistency.teacher_ema_index = {cm.teacher_ema_index} but "
-                          f"the teacher run keeps {count} EMA average(s); use an index below "
-                          f"{count}.")
+    raise CheckpointError(
+        f"config.consistency.teacher_ema_index = {cm.teacher_ema_index} but "
+        f"the teacher run keeps {count} EMA average(s); use an index below "
+        f"{count}."
+    )
   return model["ema_params"][cm.teacher_ema_index], step

@@ -26,8 +26,11 @@ from modes import train
 from modes.config_validation import validate_config
 from modes.errors import CheckpointError, UserFacingError
 from modes.factories import create_unet
-from adv_diffusion.nets.torch_mapping import (StateDictMismatchError, flax_to_torch_state_dict,
-                                              torch_to_flax_params)
+from adv_diffusion.nets.torch_mapping import (
+    StateDictMismatchError,
+    flax_to_torch_state_dict,
+    torch_to_flax_params,
+)
 
 # guided-diffusion's TrainLoop.save names: model{step:06d}.pt, ema_{rate}_{step:06d}.pt.
 _STEP_IN_NAME = re.compile(r"^(?:model|ema_[0-9.]+_)(\d+)\.pt$")
@@ -37,8 +40,10 @@ def _torch() -> Any:
   try:
     import torch
   except ImportError as exc:
-    raise UserFacingError("reading and writing PyTorch checkpoints needs torch, which is not "
-                          "installed; install it with `pip install torch`.") from exc
+    raise UserFacingError(
+        "reading and writing PyTorch checkpoints needs torch, which is not "
+        "installed; install it with `pip install torch`."
+    ) from exc
   return torch
 
 
@@ -57,16 +62,22 @@ def load_state_dict(path: str) -> Mapping[str, Any]:
   """A `torch.save`d state dict (CPU tensors), or a one-sentence CheckpointError."""
   torch = _torch()
   if not os.path.isfile(path):
-    raise CheckpointError(f"the torch checkpoint {path} does not exist; pass the path of a "
-                          "guided-diffusion model or EMA .pt file.")
+    raise CheckpointError(
+        f"the torch checkpoint {path} does not exist; pass the path of a "
+        "guided-diffusion model or EMA .pt file."
+    )
   try:
     state = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as exc:  # noqa: BLE001 - pickle, zip and torch errors all mean "unreadable"
-    raise CheckpointError(f"the torch checkpoint {path} could not be read ({_first_line(exc)}); "
-                          "pass a state dict saved with torch.save.") from exc
+    raise CheckpointError(
+        f"the torch checkpoint {path} could not be read ({_first_line(exc)}); "
+        "pass a state dict saved with torch.save."
+    ) from exc
   if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
-    raise CheckpointError(f"the torch checkpoint {path} holds a {type(state).__name__}, not a "
-                          "state dict of tensors; pass a guided-diffusion model or EMA .pt file.")
+    raise CheckpointError(
+        f"the torch checkpoint {path} holds a {type(state).__name__}, not a "
+        "state dict of tensors; pass a guided-diffusion model or EMA .pt file."
+    )
   return state
 
 
@@ -86,8 +97,9 @@ def _to_flax(path: str, template: Any) -> Any:
     ) from exc
 
 
-def _fresh_train_state(config: ml_collections.ConfigDict, params: Any,
-                       ema_params: tuple[Any, ...], step: int) -> train.TrainState:
+def _fresh_train_state(
+    config: ml_collections.ConfigDict, params: Any, ema_params: tuple[Any, ...], step: int
+) -> train.TrainState:
   """The train state a new run would start from, with these weights, counters at `step`."""
   model = create_unet(config)
   tx = train.create_optimizer(config.optim)
@@ -96,14 +108,24 @@ def _fresh_train_state(config: ml_collections.ConfigDict, params: Any,
     # The random init inside is dead code once replaced: XLA drops it.
     state = train.init_train_state(model, tx, config, key)
     count = jnp.asarray(step, jnp.int32)
-    return state.replace(step=count, num_updates=count, params=params, ema_params=ema_params,
-                         opt_state=tx.init(params))
+    return state.replace(
+        step=count,
+        num_updates=count,
+        params=params,
+        ema_params=ema_params,
+        opt_state=tx.init(params),
+    )
 
   return jax.jit(build)(jax.random.key(config.seed), params, ema_params)
 
 
-def import_torch_checkpoint(config: ml_collections.ConfigDict, workdir: str, model_path: str,
-                            ema_paths: Sequence[str] = (), step: int = -1) -> int:
+def import_torch_checkpoint(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    model_path: str,
+    ema_paths: Sequence[str] = (),
+    step: int = -1,
+) -> int:
   """Writes guided-diffusion weights as `workdir`'s checkpoint; returns its step.
 
   `ema_paths`: one file per rate of `config.train.ema_rates`, in order; none = every EMA is the
@@ -112,26 +134,33 @@ def import_torch_checkpoint(config: ml_collections.ConfigDict, workdir: str, mod
   validate_config(config, "import_torch")
   rates = tuple(config.train.ema_rates)
   if not model_path:
-    raise UserFacingError("--mode=import_torch needs --config.torch_io.checkpoint=PATH, a "
-                          "guided-diffusion model .pt file (and optionally "
-                          "--config.torch_io.ema=PATH,... for its EMAs).")
+    raise UserFacingError(
+        "--mode=import_torch needs --config.torch_io.checkpoint=PATH, a "
+        "guided-diffusion model .pt file (and optionally "
+        "--config.torch_io.ema=PATH,... for its EMAs)."
+    )
   ema_paths = list(ema_paths)
   if ema_paths and len(ema_paths) != len(rates):
-    raise UserFacingError(f"config.torch_io.ema names {len(ema_paths)} file(s) but config.train.ema_rates "
-                          f"has {len(rates)} rate(s) {list(rates)}; pass one EMA file per rate, "
-                          "in order, or none.")
+    raise UserFacingError(
+        f"config.torch_io.ema names {len(ema_paths)} file(s) but config.train.ema_rates "
+        f"has {len(rates)} rate(s) {list(rates)}; pass one EMA file per rate, "
+        "in order, or none."
+    )
   directory = ckpt_lib.checkpoint_dir(workdir)
   existing = ckpt_lib.checkpoint_steps(directory)
   if existing:
-    raise CheckpointError(f"{directory} already holds checkpoints (steps {existing}); import "
-                          "into a new --workdir.")
+    raise CheckpointError(
+        f"{directory} already holds checkpoints (steps {existing}); import " "into a new --workdir."
+    )
   step = step_from_filename(model_path) if step < 0 else step
   template = params_template(config)
   params = _to_flax(model_path, template)
   if ema_paths:
     ema_params = tuple(_to_flax(path, template) for path in ema_paths)
   else:
-    logging.info("No config.torch_io.ema files: every EMA of %s starts as the model weights.", list(rates))
+    logging.info(
+        "No config.torch_io.ema files: every EMA of %s starts as the model weights.", list(rates)
+    )
     ema_params = tuple(params for _ in rates)
   state = _fresh_train_state(config, params, ema_params, step)
   checkpointer = ckpt_lib.Checkpointer(directory, save_every=1, keep=1, async_save=False)
@@ -141,25 +170,35 @@ def import_torch_checkpoint(config: ml_collections.ConfigDict, workdir: str, mod
   finally:
     checkpointer.close()
   if jax.process_index() == 0:
-    record = dict(step=step, model=os.path.abspath(model_path),
-                  ema={str(r): os.path.abspath(p) for r, p in zip(rates, ema_paths)} or None)
+    record = dict(
+        step=step,
+        model=os.path.abspath(model_path),
+        ema={str(r): os.path.abspath(p) for r, p in zip(rates, ema_paths)} or None,
+    )
     with open(os.path.join(workdir, "torch_import.json"), "w") as f:
       json.dump(record, f, indent=2)
   logging.info("Imported %s as step %d in %s.", model_path, step, directory)
   return step
 
 
-def export_torch_checkpoint(config: ml_collections.ConfigDict, workdir: str, out_dir: str = "",
-                            step: int = -1) -> list[str]:
+def export_torch_checkpoint(
+    config: ml_collections.ConfigDict, workdir: str, out_dir: str = "", step: int = -1
+) -> list[str]:
   """Writes `workdir`'s checkpoint `step` (-1: latest) as guided-diffusion .pt files in
   `out_dir` (default `workdir/torch`); returns their paths (model first, then one per EMA)."""
   validate_config(config, "export_torch")
   torch = _torch()
-  step = ckpt_lib.require_checkpoint(workdir, step, how="train or import a run there first",
-                                     purpose="export", step_key="config.torch_io.step")
+  step = ckpt_lib.require_checkpoint(
+      workdir,
+      step,
+      how="train or import a run there first",
+      purpose="export",
+      step_key="config.torch_io.step",
+  )
   repl = parallel.replicated(parallel.make_mesh())
-  params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
-                        params_template(config))
+  params = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), params_template(config)
+  )
   rates = tuple(config.train.ema_rates)
   target = {"params": params, "ema_params": tuple(params for _ in rates)}
   model, step = ckpt_lib.load_model_weights(workdir, step, target)

@@ -32,8 +32,13 @@ from modes.sample_grid import make_grid_sampler
 from modes import teacher as teacher_lib
 from modes.config_validation import validate_config
 from modes.errors import NonFiniteError
-from modes.factories import (create_diffusion, create_optimizer, create_unet,
-                             learning_rate_schedule, step_settings)
+from modes.factories import (
+    create_diffusion,
+    create_optimizer,
+    create_unet,
+    learning_rate_schedule,
+    step_settings,
+)
 from modes.preemption import PreemptionWatcher
 from modes.workdir import check_free_space, check_workdir_writable
 
@@ -47,6 +52,7 @@ preprocess_images = step_lib.preprocess_images
 # State and step from a config
 # ---------------------------------------------------------------------------------------------
 
+
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   """(H, W, C) of `config.data`."""
   d = config.data
@@ -58,18 +64,32 @@ def init_params(model: nn.Module, config: ml_collections.ConfigDict, key: jax.Ar
   return step_lib.init_params(model, image_shape(config), bool(config.data.num_classes), key)
 
 
-def init_train_state(model: nn.Module, tx: optax.GradientTransformation,
-                     config: ml_collections.ConfigDict, key: jax.Array) -> TrainState:
+def init_train_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+    key: jax.Array,
+) -> TrainState:
   """`adv_diffusion.train_step.init_train_state` with the sizes of `config`."""
   return step_lib.init_train_state(
-      model, tx, key, settings=step_settings(config), image_shape=image_shape(config),
-      batch_size=config.train.batch_size, num_timesteps=config.diffusion.num_timesteps,
-      timestep_history=config.diffusion.sampler_history)
+      model,
+      tx,
+      key,
+      settings=step_settings(config),
+      image_shape=image_shape(config),
+      batch_size=config.train.batch_size,
+      num_timesteps=config.diffusion.num_timesteps,
+      timestep_history=config.diffusion.sampler_history,
+  )
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
-                       config: ml_collections.ConfigDict, key: jax.Array,
-                       mesh: jax.sharding.Mesh) -> TrainState:
+def create_train_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+    key: jax.Array,
+    mesh: jax.sharding.Mesh,
+) -> TrainState:
   """`init_train_state` compiled to place the state with `state_shardings` on `mesh`."""
   init = functools.partial(init_train_state, model, tx, config)
   abstract = jax.eval_shape(init, key)
@@ -84,31 +104,48 @@ def state_shardings(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
   return shardings
 
 
-def make_step_fn(model: nn.Module, diffusion: GaussianDiffusion,
-                 tx: optax.GradientTransformation, config: ml_collections.ConfigDict
-                 ) -> Callable:
+def make_step_fn(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+) -> Callable:
   """`train_step` with the network, process, optimizer, settings and learning rate of `config`
   bound: step_fn(state, batch, root_key, teacher_params=None, lpips_params=None)."""
-  return functools.partial(step_lib.train_step, model=model, diffusion=diffusion, tx=tx,
-                           settings=step_settings(config),
-                           learning_rate_fn=learning_rate_schedule(config.optim))
+  return functools.partial(
+      step_lib.train_step,
+      model=model,
+      diffusion=diffusion,
+      tx=tx,
+      settings=step_settings(config),
+      learning_rate_fn=learning_rate_schedule(config.optim),
+  )
 
 
-def compile_train_step(model: nn.Module, diffusion: GaussianDiffusion,
-                       tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
-                       mesh: jax.sharding.Mesh, state: TrainState) -> Callable:
+def compile_train_step(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    state: TrainState,
+) -> Callable:
   """`make_step_fn` as one jit program: batch sharded over `data`, state replicated (a carried δ
   sharded like the batch) and donated. `state` gives the pytree structure."""
   repl = parallel.replicated(mesh)
   state_sh = state_shardings(state, mesh)
-  return jax.jit(make_step_fn(model, diffusion, tx, config),
-                 in_shardings=(state_sh, parallel.batch_sharding(mesh), repl, repl, repl),
-                 out_shardings=(state_sh, repl), donate_argnums=(0,))
+  return jax.jit(
+      make_step_fn(model, diffusion, tx, config),
+      in_shardings=(state_sh, parallel.batch_sharding(mesh), repl, repl, repl),
+      out_shardings=(state_sh, repl),
+      donate_argnums=(0,),
+  )
 
 
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
+
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -119,9 +156,12 @@ def _host_scalars(metrics: dict[str, jax.Array]) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def restore_or_init(config: ml_collections.ConfigDict, state: TrainState,
-                    checkpointer: ckpt_lib.Checkpointer, teacher_params: Any = None
-                    ) -> TrainState:
+def restore_or_init(
+    config: ml_collections.ConfigDict,
+    state: TrainState,
+    checkpointer: ckpt_lib.Checkpointer,
+    teacher_params: Any = None,
+) -> TrainState:
   """Resumes from this workdir's newest readable checkpoint, else `init_from`, else starts a
   consistency student from its teacher, else keeps `state`.
 
@@ -135,22 +175,28 @@ def restore_or_init(config: ml_collections.ConfigDict, state: TrainState,
     raise ckpt_lib.CheckpointError(
         f"the checkpoints in {checkpointer.directory} do not fit this config "
         f"({str(exc).splitlines()[0][:200]}); resume with the config they were written with or "
-        "use a new --workdir") from exc
+        "use a new --workdir"
+    ) from exc
   if resumed is not None:
     logging.info("Resuming from %s at step %d.", checkpointer.directory, resumed[1])
     return resumed[0]
   if config.train.init_from:
     target = {"params": state.params, "ema_params": state.ema_params}
-    model, step = ckpt_lib.load_model_weights(config.train.init_from,
-                                              config.train.init_from_step, target,
-                                              config.train.init_from_command)
-    logging.info("Initialised params and EMA from %s step %d (fresh optimizer).",
-                 config.train.init_from, step)
+    model, step = ckpt_lib.load_model_weights(
+        config.train.init_from, config.train.init_from_step, target, config.train.init_from_command
+    )
+    logging.info(
+        "Initialised params and EMA from %s step %d (fresh optimizer).",
+        config.train.init_from,
+        step,
+    )
     state = state.replace(params=model["params"], ema_params=model["ema_params"])
   elif teacher_params is not None:
     logging.info("Student initialised from the teacher (params, EMA and target network).")
-    state = state.replace(params=_copy(teacher_params),
-                          ema_params=tuple(_copy(teacher_params) for _ in state.ema_params))
+    state = state.replace(
+        params=_copy(teacher_params),
+        ema_params=tuple(_copy(teacher_params) for _ in state.ema_params),
+    )
   if state.target_params is not None:
     state = state.replace(target_params=_copy(state.params))
   return state
@@ -165,8 +211,14 @@ def _state_bytes(state: TrainState) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
 
 
-def _check_finite(step: int, metrics: dict[str, jax.Array], config: ml_collections.ConfigDict,
-                  seen_skips: int, *, saving: bool) -> int:
+def _check_finite(
+    step: int,
+    metrics: dict[str, jax.Array],
+    config: ml_collections.ConfigDict,
+    seen_skips: int,
+    *,
+    saving: bool,
+) -> int:
   """Acts on the non-finite counters of `metrics` (from step `step`); returns the skip count.
 
   A skipped update is logged ("skip") or ends the run ("stop"); a non-finite state (only
@@ -176,15 +228,18 @@ def _check_finite(step: int, metrics: dict[str, jax.Array], config: ml_collectio
   if saving and not bool(metrics["params_finite"]):
     raise NonFiniteError(
         f"the parameters are not finite at step {step}, so no checkpoint was written; check the "
-        "weights this run started from (config.train.init_from) or its last good checkpoint.")
+        "weights this run started from (config.train.init_from) or its last good checkpoint."
+    )
   if skips > seen_skips:
     if config.train.on_nonfinite == "stop":
       raise NonFiniteError(
           f"step {step} produced a non-finite loss or update (config.train.on_nonfinite = "
           "'stop'); lower config.optim.learning_rate or set config.optim.grad_clip_norm, or "
-          "use on_nonfinite = 'skip' to drop such minibatches.")
-    logging.warning("Step %d: non-finite loss or update; minibatch skipped (%d skipped so far).",
-                    step, skips)
+          "use on_nonfinite = 'skip' to drop such minibatches."
+      )
+    logging.warning(
+        "Step %d: non-finite loss or update; minibatch skipped (%d skipped so far).", step, skips
+    )
   return skips
 
 
@@ -208,9 +263,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     ckpt_lib.require_checkpoint(t.init_from, t.init_from_step, t.init_from_command)
   cm = config.consistency
   if cm.mode == "distill":
-    ckpt_lib.require_checkpoint(cm.teacher, cm.teacher_step, cm.teacher_command,
-                                purpose="distil from",
-                                step_key="config.consistency.teacher_step")
+    ckpt_lib.require_checkpoint(
+        cm.teacher,
+        cm.teacher_step,
+        cm.teacher_command,
+        purpose="distil from",
+        step_key="config.consistency.teacher_step",
+    )
     teacher_lib.check_teacher_model(config)
   dataset = data_lib.load_dataset(config.data.dataset, config.data.split, config.data.data_dir)
   model = create_unet(config)
@@ -222,25 +281,32 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   root_keys = lambda: tuple(jax.random.split(jax.random.key(config.seed), 3)[:2])  # noqa: E731
   init_key, step_key = jax.jit(root_keys, out_shardings=(repl, repl))()
   state = create_train_state(model, tx, config, init_key, mesh)
-  logging.info("UNet parameters: %d",
-               sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params)))
+  logging.info(
+      "UNet parameters: %d", sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+  )
   check_free_space(workdir, _state_bytes(state))
 
-  checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir),
-                                       save_every=t.checkpoint_every, keep=t.keep_checkpoints,
-                                       keep_every=t.keep_every,
-                                       async_save=t.async_checkpointing)
+  checkpointer = ckpt_lib.Checkpointer(
+      ckpt_lib.checkpoint_dir(workdir),
+      save_every=t.checkpoint_every,
+      keep=t.keep_checkpoints,
+      keep_every=t.keep_every,
+      async_save=t.async_checkpointing,
+  )
   teacher_params = None
   if cm.mode == "distill":
     teacher_params, teacher_step = teacher_lib.load_teacher(config, state.params)
-    logging.info("Teacher: %s step %d (%s weights).", cm.teacher, teacher_step,
-                 "EMA" if cm.teacher_use_ema else "raw")
+    logging.info(
+        "Teacher: %s step %d (%s weights).",
+        cm.teacher,
+        teacher_step,
+        "EMA" if cm.teacher_use_ema else "raw",
+    )
   lpips_params = None
   if cm.mode != "none" and cm.distance == "lpips":
     lpips_path = lpips_lib.resolve_weights_path(cm.lpips_weights)
     lpips_params = jax.device_put(lpips_lib.load_lpips_params(lpips_path), repl)
-    logging.info("LPIPS-VGG weights: %s (sha256 %s).", lpips_path,
-                 file_sha256(lpips_path))
+    logging.info("LPIPS-VGG weights: %s (sha256 %s).", lpips_path, file_sha256(lpips_path))
   state = restore_or_init(config, state, checkpointer, teacher_params)
   start_step = int(state.step)
   seen_skips = int(state.skipped_updates)
@@ -253,8 +319,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   report = periodic_actions.ReportProgress(num_train_steps=t.num_steps, writer=writer)
   step_fn = compile_train_step(model, diffusion, tx, config, mesh, state)
   grid_sampler = make_grid_sampler(model, config, mesh) if t.sample_every else None
-  batches = data_lib.batch_iterator(dataset, t.batch_size, start_step, config.seed,
-                                    jax.process_index(), jax.process_count())
+  batches = data_lib.batch_iterator(
+      dataset, t.batch_size, start_step, config.seed, jax.process_index(), jax.process_count()
+  )
   preemption = PreemptionWatcher(t.preemption_grace_seconds)
 
   window_start, window_steps = None, 0
@@ -287,14 +354,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         checkpointer.save(step, state, force=True)
       if preempted:
         checkpointer.wait()
-        logging.warning("Preempted: saved the checkpoint of step %d in %s; run the same command "
-                        "again to resume.", step, checkpointer.directory)
+        logging.warning(
+            "Preempted: saved the checkpoint of step %d in %s; run the same command "
+            "again to resume.",
+            step,
+            checkpointer.directory,
+        )
         break
       if grid_sampler is not None and (step % t.sample_every == 0 or step == t.num_steps):
         grid = image_lib.make_grid(grid_sampler(state.ema_params[0]))
         if is_main:
-          image_lib.save_png(os.path.join(workdir, "samples", f"grid_{step:08d}.png"), grid,
-                             upscale=2)
+          image_lib.save_png(
+              os.path.join(workdir, "samples", f"grid_{step:08d}.png"), grid, upscale=2
+          )
           writer.write_images(step, {"samples": grid[None]})
         window_start = None  # do not count sampling time in steps/s
     else:

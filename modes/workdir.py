@@ -20,10 +20,13 @@ def check_workdir_writable(workdir: str) -> None:
     os.remove(probe)
   except OSError as exc:
     if exc.errno == errno.ENOSPC:
-      raise UserFacingError(f"the workdir {workdir} is on a full disk; free space or pass "
-                            "another --workdir.") from exc
-    raise UserFacingError(f"the workdir {workdir} cannot be written ({exc.strerror or exc}); "
-                          "pass a --workdir this user can create and write.") from exc
+      raise UserFacingError(
+          f"the workdir {workdir} is on a full disk; free space or pass " "another --workdir."
+      ) from exc
+    raise UserFacingError(
+        f"the workdir {workdir} cannot be written ({exc.strerror or exc}); "
+        "pass a --workdir this user can create and write."
+    ) from exc
 
 
 def check_free_space(workdir: str, needed_bytes: int) -> None:
@@ -32,4 +35,5 @@ def check_free_space(workdir: str, needed_bytes: int) -> None:
   if free < needed_bytes:
     raise UserFacingError(
         f"the workdir {workdir} has {free / 2**20:.1f} MiB free but one checkpoint of this run "
-        f"needs about {needed_bytes / 2**20:.1f} MiB; free space or pass another --workdir.")
+        f"needs about {needed_bytes / 2**20:.1f} MiB; free space or pass another --workdir."
+    )

@@ -36,8 +36,9 @@ def per_sample_noise(key: jax.Array, indices: jax.Array, shape: tuple[int, ...])
   return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(indices)
 
 
-def eps_scale_schedule(num_steps: int, eps_scale: float = 1.0,
-                       eps_scale_slope: float = 0.0) -> np.ndarray:
+def eps_scale_schedule(
+    num_steps: int, eps_scale: float = 1.0, eps_scale_slope: float = 0.0
+) -> np.ndarray:
   """ADM-ES divisors λ_i (float64, (num_steps,)) for respaced step i = 0 (least noisy) .. N-1."""
   # ADM-ES (Ning et al. 2024, Sec. 4.2) schedule λ(t) = k·t + b over the N sampling steps. Their
   # code centres it so that its mean over the steps is b: start = b - k·(N - 1)/2 and
@@ -47,14 +48,16 @@ def eps_scale_schedule(num_steps: int, eps_scale: float = 1.0,
   if not (np.isfinite(eps_scale) and np.isfinite(eps_scale_slope)):
     raise ValueError(
         f"eps_scale and eps_scale_slope must be finite numbers, got {eps_scale!r} and "
-        f"{eps_scale_slope!r}.")
+        f"{eps_scale_slope!r}."
+    )
   steps = np.arange(num_steps, dtype=np.float64)
   scales = float(eps_scale) + float(eps_scale_slope) * (steps - (num_steps - 1) / 2.0)
   if num_steps < 1 or not np.all(scales > 0):
     raise ValueError(
         f"eps_scale={eps_scale!r} with eps_scale_slope={eps_scale_slope!r} over {num_steps} "
         f"steps gives divisors in [{scales.min():.4g}, {scales.max():.4g}], but every "
-        "divisor b + k·(i - (N - 1)/2) must be positive.")
+        "divisor b + k·(i - (N - 1)/2) must be positive."
+    )
   return scales
 
 
@@ -71,9 +74,17 @@ def _scale_eps(model_output: jax.Array, scale: jax.Array, channels: int) -> jax.
   return jnp.concatenate([eps, model_output[..., channels:]], axis=-1)
 
 
-def ancestral_sample(model_fn: ModelFn, noise: jax.Array, diffusion: GaussianDiffusion,
-                     sample_keys: jax.Array, *, learn_sigma: bool, clip_denoised: bool = True,
-                     eps_scale: float = 1.0, eps_scale_slope: float = 0.0) -> jax.Array:
+def ancestral_sample(
+    model_fn: ModelFn,
+    noise: jax.Array,
+    diffusion: GaussianDiffusion,
+    sample_keys: jax.Array,
+    *,
+    learn_sigma: bool,
+    clip_denoised: bool = True,
+    eps_scale: float = 1.0,
+    eps_scale_slope: float = 0.0,
+) -> jax.Array:
   """Runs all reverse steps from x_T = `noise`; `model_fn` gets RESPACED indices (train loop)."""
   num_steps = diffusion.num_timesteps
   batch, channels = noise.shape[0], noise.shape[-1]
@@ -87,25 +98,42 @@ def ancestral_sample(model_fn: ModelFn, noise: jax.Array, diffusion: GaussianDif
     if scaled:
       output = _scale_eps(output, scales[t_index], channels)
     # DDPM Eq. 11 / IDDPM Eq. 15: mean from the x_0 prediction, learned or fixed variance.
-    out = diffusion.p_mean_variance(output, x, t, learn_sigma=learn_sigma,
-                                    clip_denoised=clip_denoised)
-    z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, t_index), x.shape[1:],
-                                             x.dtype))(sample_keys)
+    out = diffusion.p_mean_variance(
+        output, x, t, learn_sigma=learn_sigma, clip_denoised=clip_denoised
+    )
+    z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, t_index), x.shape[1:], x.dtype))(
+        sample_keys
+    )
     nonzero = (t_index != 0).astype(x.dtype)  # no noise at the last step
     return out["mean"] + nonzero * jnp.exp(0.5 * out["log_variance"]) * z
 
   return jax.lax.fori_loop(0, num_steps, body, noise)
 
 
-def sample_ancestral(model_fn: ModelFn, noise: jax.Array, diffusion: GaussianDiffusion,
-                     sample_keys: jax.Array, *, learn_sigma: bool, clip_denoised: bool = True,
-                     eps_scale: float = 1.0, eps_scale_slope: float = 0.0
-                     ) -> tuple[jax.Array, int]:
+def sample_ancestral(
+    model_fn: ModelFn,
+    noise: jax.Array,
+    diffusion: GaussianDiffusion,
+    sample_keys: jax.Array,
+    *,
+    learn_sigma: bool,
+    clip_denoised: bool = True,
+    eps_scale: float = 1.0,
+    eps_scale_slope: float = 0.0,
+) -> tuple[jax.Array, int]:
   """(samples, nfe) of ADM(-ES) ancestral sampling; `model_fn` gets original-grid timesteps."""
+
   def respaced_fn(x: jax.Array, t: jax.Array) -> jax.Array:
     return model_fn(x, diffusion.model_timesteps(t))
 
-  samples = ancestral_sample(respaced_fn, noise, diffusion, sample_keys, learn_sigma=learn_sigma,
-                             clip_denoised=clip_denoised, eps_scale=eps_scale,
-                             eps_scale_slope=eps_scale_slope)
+  samples = ancestral_sample(
+      respaced_fn,
+      noise,
+      diffusion,
+      sample_keys,
+      learn_sigma=learn_sigma,
+      clip_denoised=clip_denoised,
+      eps_scale=eps_scale,
+      eps_scale_slope=eps_scale_slope,
+  )
   return samples, ancestral_nfe(diffusion)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adv_diffusion.consistency import consistency_function
-from adv_diffusion.diffusion import q_sample_at
+from adv_diffusion.vp import q_sample_at
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -34,15 +34,24 @@ def check_timesteps(timesteps: Sequence[int], nfe: int, num_timesteps: int) -> t
   if len(steps) != nfe:
     raise ValueError(f"consistency timesteps {list(steps)} must list exactly nfe={nfe} steps.")
   if any(b >= a for a, b in zip(steps, steps[1:])) or steps[-1] < 1 or steps[0] > num_timesteps - 1:
-    raise ValueError(f"consistency timesteps {list(steps)} must decrease strictly within "
-                     f"[1, {num_timesteps - 1}].")
+    raise ValueError(
+        f"consistency timesteps {list(steps)} must decrease strictly within "
+        f"[1, {num_timesteps - 1}]."
+    )
   return steps
 
 
-def sample_consistency(model_fn: ModelFn, noise: jax.Array, alphas_cumprod: np.ndarray,
-                       timesteps: Sequence[int], keys: jax.Array | None = None, *,
-                       sigma_data: float = 0.5, timestep_scale: float = 10.0,
-                       clip_x0: bool = True) -> jax.Array:
+def sample_consistency(
+    model_fn: ModelFn,
+    noise: jax.Array,
+    alphas_cumprod: np.ndarray,
+    timesteps: Sequence[int],
+    keys: jax.Array | None = None,
+    *,
+    sigma_data: float = 0.5,
+    timestep_scale: float = 10.0,
+    clip_x0: bool = True,
+) -> jax.Array:
   """One- (len(timesteps) = 1) or multistep consistency sampling; `noise` is x at τ_0."""
   if len(timesteps) > 1 and keys is None:
     raise ValueError("multistep consistency sampling re-noises and needs per-sample keys.")
@@ -51,8 +60,15 @@ def sample_consistency(model_fn: ModelFn, noise: jax.Array, alphas_cumprod: np.n
 
   def f(x, tau):
     t = jnp.full((batch,), tau, jnp.int32)
-    return consistency_function(model_fn(x, t), x, t, ac, sigma_data=sigma_data,
-                                timestep_scale=timestep_scale, clip_x0=clip_x0)
+    return consistency_function(
+        model_fn(x, t),
+        x,
+        t,
+        ac,
+        sigma_data=sigma_data,
+        timestep_scale=timestep_scale,
+        clip_x0=clip_x0,
+    )
 
   x0 = f(noise, timesteps[0])
   for i, tau in enumerate(timesteps[1:], start=1):

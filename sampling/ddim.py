@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adv_diffusion.diffusion import (GaussianDiffusion, ddim_update, eps_from_x0, per_example,
-                                     space_timesteps, x0_from_eps)
+from adv_diffusion.diffusion import GaussianDiffusion, space_timesteps
+from adv_diffusion.vp import ddim_update, eps_from_x0, per_example, x0_from_eps
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 SPACINGS = ("adm", "ddim", "uniform", "quad")
@@ -34,7 +34,8 @@ def kept_timesteps(num_timesteps: int, steps: int, spacing: str = "ddim") -> lis
   if steps > num_timesteps:
     raise ValueError(
         f"steps={steps} exceeds the {num_timesteps} timesteps of the process; allowed are "
-        f"1 to {num_timesteps}.")
+        f"1 to {num_timesteps}."
+    )
   if spacing == "adm":
     # IDDPM Sec. 4 respacing "N": N evenly spaced (rounded) steps, both ends included.
     return space_timesteps(num_timesteps, str(steps))
@@ -48,7 +49,8 @@ def kept_timesteps(num_timesteps: int, steps: int, spacing: str = "ddim") -> lis
       raise ValueError(
           f"spacing='uniform' (stride T // steps = {num_timesteps // steps}) gives {len(kept)} "
           f"steps instead of {steps} for T={num_timesteps}; use spacing 'ddim' or 'adm', which "
-          "always give exactly the requested count.")
+          "always give exactly the requested count."
+      )
     return kept
   if spacing == "quad":
     # DDIM code, skip_type "quad": int((linspace(0, sqrt(0.8 T), S))^2), ending at 0.8 T. Where
@@ -61,13 +63,15 @@ def kept_timesteps(num_timesteps: int, steps: int, spacing: str = "ddim") -> lis
     if kept[-1] >= num_timesteps:
       raise ValueError(
           f"spacing='quad' with steps={steps} does not fit in T={num_timesteps} distinct "
-          "timesteps; use fewer steps or spacing 'adm'.")
+          "timesteps; use fewer steps or spacing 'adm'."
+      )
     return kept
   raise ValueError(f"Unknown spacing {spacing!r}; allowed spacings are {list(SPACINGS)}.")
 
 
-def diffusion_from_timesteps(schedule: str, num_timesteps: int,
-                             timesteps: Sequence[int]) -> GaussianDiffusion:
+def diffusion_from_timesteps(
+    schedule: str, num_timesteps: int, timesteps: Sequence[int]
+) -> GaussianDiffusion:
   """Process keeping exactly the given original-grid timesteps (as ADM's SpacedDiffusion)."""
   kept = np.asarray(list(timesteps))
   if kept.ndim != 1 or kept.size == 0 or not np.issubdtype(kept.dtype, np.integer):
@@ -75,15 +79,18 @@ def diffusion_from_timesteps(schedule: str, num_timesteps: int,
   if kept[0] < 0 or kept[-1] >= num_timesteps or np.any(np.diff(kept) <= 0):
     raise ValueError(
         f"timesteps must be strictly increasing integers in [0, {num_timesteps}), got "
-        f"{kept.tolist()!r}.")
+        f"{kept.tolist()!r}."
+    )
   return GaussianDiffusion.from_timesteps(schedule, num_timesteps, kept.tolist())
 
 
-def respaced_diffusion(schedule: str, num_timesteps: int, steps: int,
-                       spacing: str = "ddim") -> GaussianDiffusion:
+def respaced_diffusion(
+    schedule: str, num_timesteps: int, steps: int, spacing: str = "ddim"
+) -> GaussianDiffusion:
   """The `steps`-step process of `kept_timesteps(num_timesteps, steps, spacing)`."""
-  return diffusion_from_timesteps(schedule, num_timesteps,
-                                  kept_timesteps(num_timesteps, steps, spacing))
+  return diffusion_from_timesteps(
+      schedule, num_timesteps, kept_timesteps(num_timesteps, steps, spacing)
+  )
 
 
 def ddim_nfe(diffusion: GaussianDiffusion) -> int:
@@ -102,10 +109,16 @@ def check_eta(eta: float) -> float:
 Perturbation = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def sample_ddim(model_fn: ModelFn, noise: jax.Array, diffusion: GaussianDiffusion,
-                sample_keys: jax.Array | None = None, *, eta: float = 0.0,
-                clip_denoised: bool = True, perturb: Perturbation | None = None
-                ) -> tuple[jax.Array, int]:
+def sample_ddim(
+    model_fn: ModelFn,
+    noise: jax.Array,
+    diffusion: GaussianDiffusion,
+    sample_keys: jax.Array | None = None,
+    *,
+    eta: float = 0.0,
+    clip_denoised: bool = True,
+    perturb: Perturbation | None = None,
+) -> tuple[jax.Array, int]:
   """(samples, nfe) of DDIM from x_T = `noise` over every step of the (respaced) `diffusion`.
 
   `perturb` (robustness evaluation) replaces x_t before step i; the sampler then continues from
@@ -115,12 +128,18 @@ def sample_ddim(model_fn: ModelFn, noise: jax.Array, diffusion: GaussianDiffusio
   if eta > 0 and sample_keys is None:
     raise ValueError("sample_keys are required when eta > 0 (DDIM then adds noise each step).")
   num_steps = diffusion.num_timesteps
-  batch, channels, nd = noise.shape[0], noise.shape[-1], noise.ndim
+  batch, channels = noise.shape[0], noise.shape[-1]
   dtype = noise.dtype
   # Schedule tables in the sample dtype (float64 -> float32 like ADM's _extract_into_tensor).
-  tables = {name: jnp.asarray(np.asarray(getattr(diffusion, name)), dtype) for name in (
-      "alphas_cumprod", "alphas_cumprod_prev", "sqrt_recip_alphas_cumprod",
-      "sqrt_recipm1_alphas_cumprod")}
+  tables = {
+      name: jnp.asarray(np.asarray(getattr(diffusion, name)), dtype)
+      for name in (
+          "alphas_cumprod",
+          "alphas_cumprod_prev",
+          "sqrt_recip_alphas_cumprod",
+          "sqrt_recipm1_alphas_cumprod",
+      )
+  }
 
   def gather(name: str, t: jax.Array) -> jax.Array:
     return tables[name][t]
@@ -138,13 +157,17 @@ def sample_ddim(model_fn: ModelFn, noise: jax.Array, diffusion: GaussianDiffusio
     eps = eps_from_x0(x, pred_xstart, *coefs)  # as ADM's ddim_sample
     alpha_bar, alpha_bar_prev = gather("alphas_cumprod", t), gather("alphas_cumprod_prev", t)
     # DDIM Eq. 16: sigma_t(eta) = eta sqrt((1 - a_prev)/(1 - a)) sqrt(1 - a/a_prev).
-    sigma = (eta * jnp.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
-             * jnp.sqrt(1 - alpha_bar / alpha_bar_prev))
+    sigma = (
+        eta
+        * jnp.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
+        * jnp.sqrt(1 - alpha_bar / alpha_bar_prev)
+    )
     mean = ddim_update(pred_xstart, eps, alpha_bar_prev, sigma)
     if eta == 0:
       return mean
-    z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, t_index), x.shape[1:],
-                                             dtype))(sample_keys)
+    z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, t_index), x.shape[1:], dtype))(
+        sample_keys
+    )
     nonzero = (t_index != 0).astype(dtype)  # no noise at the last step
     return mean + nonzero * per_example(sigma, x) * z
 

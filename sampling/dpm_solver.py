@@ -45,7 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from numpy.typing import ArrayLike
 
-from adv_diffusion.diffusion import GaussianDiffusion, x0_from_eps
+from adv_diffusion.diffusion import GaussianDiffusion
+from adv_diffusion.vp import x0_from_eps
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 SKIP_TYPES = ("logSNR", "time_uniform", "time_quadratic")
@@ -75,13 +76,15 @@ class DiscreteVPSchedule:
     if arr.ndim != 1 or arr.size < 2 or not np.all(np.isfinite(arr)) or np.any(np.diff(arr) >= 0):
       raise ValueError(
           "log_alpha_array must be a finite, strictly decreasing 1-D array of at least 2 grid "
-          "points (½ log ᾱ of a diffusion schedule).")
+          "points (½ log ᾱ of a diffusion schedule)."
+      )
     arr.setflags(write=False)
     object.__setattr__(self, "log_alpha_array", arr)
 
   @classmethod
-  def from_alphas_cumprod(cls, alphas_cumprod: np.ndarray, *,
-                          truncate_cosine_like_reference: bool = False) -> DiscreteVPSchedule:
+  def from_alphas_cumprod(
+      cls, alphas_cumprod: np.ndarray, *, truncate_cosine_like_reference: bool = False
+  ) -> DiscreteVPSchedule:
     """Schedule of a (non-respaced) discrete process given its float64 ᾱ_0..ᾱ_{N-1}."""
     log_alphas = 0.5 * np.log(np.asarray(alphas_cumprod, np.float64))
     if not truncate_cosine_like_reference:
@@ -95,22 +98,28 @@ class DiscreteVPSchedule:
     return cls(log_alphas, model_time_scale=1000.0)
 
   @classmethod
-  def from_diffusion(cls, diffusion: GaussianDiffusion, *,
-                     truncate_cosine_like_reference: bool = False) -> DiscreteVPSchedule:
+  def from_diffusion(
+      cls, diffusion: GaussianDiffusion, *, truncate_cosine_like_reference: bool = False
+  ) -> DiscreteVPSchedule:
     """Schedule of a NON-respaced `GaussianDiffusion` (the network's own training grid)."""
     if not np.array_equal(diffusion.timestep_map, np.arange(diffusion.num_timesteps)):
       raise ValueError(
           "DPM-Solver needs the network's full training grid, not a respaced process; build "
-          "the GaussianDiffusion without respacing (the solver chooses its own time steps).")
+          "the GaussianDiffusion without respacing (the solver chooses its own time steps)."
+      )
     return cls.from_alphas_cumprod(
-        diffusion.alphas_cumprod, truncate_cosine_like_reference=truncate_cosine_like_reference)
+        diffusion.alphas_cumprod, truncate_cosine_like_reference=truncate_cosine_like_reference
+    )
 
   @classmethod
-  def create(cls, schedule: str, num_timesteps: int = 1000, *,
-             truncate_cosine_like_reference: bool = False) -> DiscreteVPSchedule:
+  def create(
+      cls, schedule: str, num_timesteps: int = 1000, *, truncate_cosine_like_reference: bool = False
+  ) -> DiscreteVPSchedule:
     """Schedule of ADM's named beta schedule ("linear" / "cosine") with `num_timesteps` steps."""
-    return cls.from_diffusion(GaussianDiffusion.create(schedule, num_timesteps),
-                              truncate_cosine_like_reference=truncate_cosine_like_reference)
+    return cls.from_diffusion(
+        GaussianDiffusion.create(schedule, num_timesteps),
+        truncate_cosine_like_reference=truncate_cosine_like_reference,
+    )
 
   @property
   def total_n(self) -> int:
@@ -162,8 +171,15 @@ def _check_int(name: str, value, minimum: int) -> int:
   return int(value)
 
 
-def check_settings(steps: int, order: int, method: str, skip_type: str, predictor: str,
-                   t_start: float, t_end: float) -> None:
+def check_settings(
+    steps: int,
+    order: int,
+    method: str,
+    skip_type: str,
+    predictor: str,
+    t_start: float,
+    t_end: float,
+) -> None:
   """Raises ValueError (one sentence) for any setting DPM-Solver does not support."""
   if isinstance(order, bool) or order not in ORDERS:
     raise ValueError(f"DPM-Solver order must be 1, 2 or 3, got {order!r}.")
@@ -171,24 +187,29 @@ def check_settings(steps: int, order: int, method: str, skip_type: str, predicto
     raise ValueError(f"Unknown DPM-Solver method {method!r}; allowed methods are {list(METHODS)}.")
   if skip_type not in SKIP_TYPES:
     raise ValueError(
-        f"Unknown DPM-Solver skip_type {skip_type!r}; allowed skip types are {list(SKIP_TYPES)}.")
+        f"Unknown DPM-Solver skip_type {skip_type!r}; allowed skip types are {list(SKIP_TYPES)}."
+    )
   if predictor not in PREDICTORS:
     raise ValueError(
         f"Unknown DPM-Solver predictor {predictor!r}; allowed are 'noise' (DPM-Solver) and "
-        "'data' (DPM-Solver++).")
+        "'data' (DPM-Solver++)."
+    )
   _check_int("DPM-Solver steps", steps, 1)
   if method == "singlestep" and steps < order:
     raise ValueError(
         f"Singlestep DPM-Solver of order {order} needs at least {order} model calls (steps), "
-        f"got steps={steps}.")
+        f"got steps={steps}."
+    )
   if not (math.isfinite(t_start) and math.isfinite(t_end) and 0 < t_end < t_start <= 1):
     raise ValueError(
         f"DPM-Solver times must satisfy 0 < t_end < t_start <= 1, got t_start={t_start!r} and "
-        f"t_end={t_end!r}.")
+        f"t_end={t_end!r}."
+    )
 
 
-def dpm_solver_nfe(steps: int, order: int = 2, method: str = "multistep",
-                   denoise_to_zero: bool = False) -> int:
+def dpm_solver_nfe(
+    steps: int, order: int = 2, method: str = "multistep", denoise_to_zero: bool = False
+) -> int:
   """Exact number of model calls: `steps` (any order or method) plus one for denoise_to_zero."""
   # Multistep evaluates the model once per step; singlestep DPM-Solver-fast splits `steps`
   # calls into steps of order <= `order` whose orders sum to `steps` (DPM-Solver Sec. 3.4).
@@ -196,8 +217,9 @@ def dpm_solver_nfe(steps: int, order: int = 2, method: str = "multistep",
   return int(steps) + int(bool(denoise_to_zero))
 
 
-def time_steps(schedule: DiscreteVPSchedule, skip_type: str, t_start: float, t_end: float,
-               n: int) -> np.ndarray:
+def time_steps(
+    schedule: DiscreteVPSchedule, skip_type: str, t_start: float, t_end: float, n: int
+) -> np.ndarray:
   """n + 1 decreasing times from t_start to t_end, uniform in λ, t or sqrt(t)."""
   if skip_type == "logSNR":
     # DPM-Solver Sec. 3.3/3.4: step sizes uniform in λ.
@@ -226,11 +248,11 @@ def singlestep_orders(steps: int, order: int) -> list[int]:
   return [1] * steps
 
 
-def multistep_orders(steps: int, order: int, lower_order_final: bool,
-                     lower_order_final_below: int | None) -> list[int]:
+def multistep_orders(
+    steps: int, order: int, lower_order_final: bool, lower_order_final_below: int | None
+) -> list[int]:
   """Order of each multistep step: warm-up from 1, optionally lower orders at the end."""
-  final = lower_order_final and (lower_order_final_below is None
-                                 or steps < lower_order_final_below)
+  final = lower_order_final and (lower_order_final_below is None or steps < lower_order_final_below)
   orders = []
   for i in range(steps):
     p = min(order, i + 1)  # only i + 1 model values exist before step i
@@ -292,8 +314,9 @@ class _Builder:
     phi3 = phi2 / h - 0.5
     return sigma_t / sigma_s, -alpha_t * phi1, alpha_t * phi2, -alpha_t * phi3
 
-  def add(self, t_call: float, in_a: float, in_b: np.ndarray, slot: int, out_a: float,
-          out_b: np.ndarray) -> None:
+  def add(
+      self, t_call: float, in_a: float, in_b: np.ndarray, slot: int, out_a: float, out_b: np.ndarray
+  ) -> None:
     self.rows.append((t_call, in_a, in_b, slot, out_a, out_b))
 
   def zeros(self) -> np.ndarray:
@@ -351,8 +374,9 @@ def _multistep(b: _Builder, times: np.ndarray, orders: list[int], like_reference
     b.add(s, 1.0, b.zeros(), i % k, a, out)
 
 
-def _singlestep(b: _Builder, schedule: DiscreteVPSchedule, skip_type: str,
-                outer: np.ndarray, orders: list[int]) -> None:
+def _singlestep(
+    b: _Builder, schedule: DiscreteVPSchedule, skip_type: str, outer: np.ndarray, orders: list[int]
+) -> None:
   """Singlestep DPM-Solver-1/2/3 (DPM-Solver Alg. 1-2; DPM-Solver++ Alg. 1 and App. B)."""
   for step, p in enumerate(orders):
     s, t = float(outer[step]), float(outer[step + 1])
@@ -378,17 +402,31 @@ def _singlestep(b: _Builder, schedule: DiscreteVPSchedule, skip_type: str,
     a2, c1_2, c2_2, _ = b.coefs(s, float(inner[2]))
     b.add(s, 1.0, b.zeros(), 0, *identity)
     b.add(float(inner[1]), a1, c1_1 * m0, 1, *identity)
-    b.add(float(inner[2]), a2, c1_2 * m0 + (r2 / r1) * c2_2 * (m1 - m0), 2,
-          a, c1 * m0 + (1.0 / r2) * c2 * (m2 - m0))
+    b.add(
+        float(inner[2]),
+        a2,
+        c1_2 * m0 + (r2 / r1) * c2_2 * (m1 - m0),
+        2,
+        a,
+        c1 * m0 + (1.0 / r2) * c2 * (m2 - m0),
+    )
 
 
-def dpm_solver_tableau(schedule: DiscreteVPSchedule, steps: int, *, order: int = 2,
-                       method: str = "multistep", skip_type: str = "logSNR",
-                       predictor: str = "data", t_start: float = 1.0,
-                       t_end: float | None = None, lower_order_final: bool = True,
-                       lower_order_final_below: int | None = 10,
-                       denoise_to_zero: bool = False,
-                       multistep3_like_reference: bool = False) -> Tableau:
+def dpm_solver_tableau(
+    schedule: DiscreteVPSchedule,
+    steps: int,
+    *,
+    order: int = 2,
+    method: str = "multistep",
+    skip_type: str = "logSNR",
+    predictor: str = "data",
+    t_start: float = 1.0,
+    t_end: float | None = None,
+    lower_order_final: bool = True,
+    lower_order_final_below: int | None = 10,
+    denoise_to_zero: bool = False,
+    multistep3_like_reference: bool = False,
+) -> Tableau:
   """The static plan (times, coefficients) of one DPM-Solver(++) run; numpy, float64."""
   t_end = 1.0 / schedule.total_n if t_end is None else float(t_end)
   t_start = float(t_start)
@@ -417,14 +455,24 @@ def dpm_solver_tableau(schedule: DiscreteVPSchedule, steps: int, *, order: int =
   return b.build(outer, orders)
 
 
-def sample_dpm_solver(model_fn: ModelFn, noise: jax.Array, schedule: DiscreteVPSchedule,
-                      steps: int, *, order: int = 2, method: str = "multistep",
-                      skip_type: str = "logSNR", predictor: str = "data", t_start: float = 1.0,
-                      t_end: float | None = None, lower_order_final: bool = True,
-                      lower_order_final_below: int | None = 10,
-                      denoise_to_zero: bool = False,
-                      multistep3_like_reference: bool = False,
-                      clip_denoised: bool = False) -> tuple[jax.Array, int]:
+def sample_dpm_solver(
+    model_fn: ModelFn,
+    noise: jax.Array,
+    schedule: DiscreteVPSchedule,
+    steps: int,
+    *,
+    order: int = 2,
+    method: str = "multistep",
+    skip_type: str = "logSNR",
+    predictor: str = "data",
+    t_start: float = 1.0,
+    t_end: float | None = None,
+    lower_order_final: bool = True,
+    lower_order_final_below: int | None = 10,
+    denoise_to_zero: bool = False,
+    multistep3_like_reference: bool = False,
+    clip_denoised: bool = False,
+) -> tuple[jax.Array, int]:
   """(samples at t_end, nfe) of DPM-Solver (predictor "noise") or DPM-Solver++ ("data").
 
   `noise` is x at t_start. `steps` model calls (plus one if `denoise_to_zero`). As in the
@@ -437,23 +485,36 @@ def sample_dpm_solver(model_fn: ModelFn, noise: jax.Array, schedule: DiscreteVPS
   x_0 = (x_t - σ_t ε)/α_t multiplies the network's ε error by 1/α_t (up to ~2e4).
   """
   if clip_denoised and predictor != "data":
-    raise ValueError("clip_denoised needs the data predictor (DPM-Solver++); DPM-Solver "
-                     "predicts noise.")
-  tab = dpm_solver_tableau(schedule, steps, order=order, method=method, skip_type=skip_type,
-                           predictor=predictor, t_start=t_start, t_end=t_end,
-                           lower_order_final=lower_order_final,
-                           lower_order_final_below=lower_order_final_below,
-                           denoise_to_zero=denoise_to_zero,
-                           multistep3_like_reference=multistep3_like_reference)
+    raise ValueError(
+        "clip_denoised needs the data predictor (DPM-Solver++); DPM-Solver " "predicts noise."
+    )
+  tab = dpm_solver_tableau(
+      schedule,
+      steps,
+      order=order,
+      method=method,
+      skip_type=skip_type,
+      predictor=predictor,
+      t_start=t_start,
+      t_end=t_end,
+      lower_order_final=lower_order_final,
+      lower_order_final_below=lower_order_final_below,
+      denoise_to_zero=denoise_to_zero,
+      multistep3_like_reference=multistep3_like_reference,
+  )
   dtype = noise.dtype
   batch, channels = noise.shape[0], noise.shape[-1]
   expand = (slice(None),) + (None,) * noise.ndim
   rows = dict(
-      in_a=jnp.asarray(tab.in_a, dtype), in_b=jnp.asarray(tab.in_b, dtype),
+      in_a=jnp.asarray(tab.in_a, dtype),
+      in_b=jnp.asarray(tab.in_b, dtype),
       tau=jnp.asarray(tab.model_times, jnp.result_type(dtype, jnp.float32)),
-      alpha=jnp.asarray(tab.alphas, dtype), sigma=jnp.asarray(tab.sigmas, dtype),
-      slot=jnp.asarray(tab.slot), out_a=jnp.asarray(tab.out_a, dtype),
-      out_b=jnp.asarray(tab.out_b, dtype))
+      alpha=jnp.asarray(tab.alphas, dtype),
+      sigma=jnp.asarray(tab.sigmas, dtype),
+      slot=jnp.asarray(tab.slot),
+      out_a=jnp.asarray(tab.out_a, dtype),
+      out_b=jnp.asarray(tab.out_b, dtype),
+  )
   data = predictor == "data"
 
   def combine(a, b, x, buf):

@@ -13,16 +13,29 @@ import math
 import jax
 import jax.numpy as jnp
 
-from adv_diffusion.diffusion import x0_from_eps
-from sampling.dpm_solver import (DiscreteVPSchedule, ModelFn, check_settings, multistep_orders,
-                                 time_steps)
+from adv_diffusion.vp import x0_from_eps
+from sampling.dpm_solver import (
+    DiscreteVPSchedule,
+    ModelFn,
+    check_settings,
+    multistep_orders,
+    time_steps,
+)
 
 
-def sample_dpm_solver_2m(model_fn: ModelFn, noise: jax.Array, schedule: DiscreteVPSchedule,
-                         steps: int, *, skip_type: str = "logSNR", t_start: float = 1.0,
-                         t_end: float | None = None, lower_order_final: bool = True,
-                         lower_order_final_below: int | None = 10,
-                         clip_denoised: bool = False) -> tuple[jax.Array, int]:
+def sample_dpm_solver_2m(
+    model_fn: ModelFn,
+    noise: jax.Array,
+    schedule: DiscreteVPSchedule,
+    steps: int,
+    *,
+    skip_type: str = "logSNR",
+    t_start: float = 1.0,
+    t_end: float | None = None,
+    lower_order_final: bool = True,
+    lower_order_final_below: int | None = 10,
+    clip_denoised: bool = False,
+) -> tuple[jax.Array, int]:
   """(samples at t_end, nfe = steps) of DPM-Solver++(2M) started from `noise` at t_start."""
   t_end = 1.0 / schedule.total_n if t_end is None else float(t_end)  # as dpm_solver_tableau
   t_start = float(t_start)

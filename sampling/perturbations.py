@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adv_diffusion.adversarial import ascent_step, l2_normalize, num_dims
-from adv_diffusion.diffusion import x0_coefficients, x0_from_eps
+from adv_diffusion.vp import x0_coefficients, x0_from_eps
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x, t) -> raw output, ε first
 
@@ -34,15 +34,17 @@ def budget(rho: float, x: jax.Array) -> float:
   return float(rho * np.sqrt(num_dims(x)))
 
 
-def x0_prediction(model_fn: ModelFn, x: jax.Array, t: jax.Array, alphas_cumprod: np.ndarray
-                  ) -> jax.Array:
+def x0_prediction(
+    model_fn: ModelFn, x: jax.Array, t: jax.Array, alphas_cumprod: np.ndarray
+) -> jax.Array:
   """x̂_0(x, t) of the ε-network at original-grid timesteps `t`, unclipped."""
-  eps = model_fn(x, t)[..., :x.shape[-1]].astype(jnp.float32)
+  eps = model_fn(x, t)[..., : x.shape[-1]].astype(jnp.float32)
   return x0_from_eps(x, eps, *x0_coefficients(jnp.asarray(alphas_cumprod, jnp.float32)[t]))
 
 
-def denoising_error(model_fn: ModelFn, x: jax.Array, t: jax.Array, x_ref: jax.Array,
-                    alphas_cumprod: np.ndarray) -> jax.Array:
+def denoising_error(
+    model_fn: ModelFn, x: jax.Array, t: jax.Array, x_ref: jax.Array, alphas_cumprod: np.ndarray
+) -> jax.Array:
   """Per-example mean squared error of x̂_0(x, t) against `x_ref`, shape (B,)."""
   diff = x0_prediction(model_fn, x, t, alphas_cumprod) - x_ref
   return jnp.mean(jnp.square(diff), axis=tuple(range(1, x.ndim)))
@@ -61,9 +63,18 @@ def random_perturbation(key: jax.Array, x: jax.Array, rho: float) -> jax.Array:
   return budget(rho, x) * l2_normalize(u)
 
 
-def pgd_perturbation(model_fn: ModelFn, x: jax.Array, t: jax.Array, x_ref: jax.Array,
-                     alphas_cumprod: np.ndarray, rho: float, key: jax.Array, *,
-                     steps: int = 10, step_size: float | None = None) -> jax.Array:
+def pgd_perturbation(
+    model_fn: ModelFn,
+    x: jax.Array,
+    t: jax.Array,
+    x_ref: jax.Array,
+    alphas_cumprod: np.ndarray,
+    rho: float,
+    key: jax.Array,
+    *,
+    steps: int = 10,
+    step_size: float | None = None,
+) -> jax.Array:
   """δ with ‖δ‖₂ ≤ ρ·sqrt(d) per example that (locally) maximises the denoising error.
 
   The random start matters when `x_ref` is the model's own prediction at x: the error then has
@@ -72,8 +83,7 @@ def pgd_perturbation(model_fn: ModelFn, x: jax.Array, t: jax.Array, x_ref: jax.A
   """
   radius = budget(rho, x)
   step = 2.5 * radius / steps if step_size is None else step_size * radius
-  grad_fn = jax.grad(lambda d: jnp.sum(denoising_error(model_fn, x + d, t, x_ref,
-                                                       alphas_cumprod)))
+  grad_fn = jax.grad(lambda d: jnp.sum(denoising_error(model_fn, x + d, t, x_ref, alphas_cumprod)))
 
   def ascend(delta, _):
     return ascent_step(delta, grad_fn(delta), step, jnp.asarray(rho, jnp.float32), "l2"), None
@@ -86,10 +96,17 @@ def pgd_perturbation(model_fn: ModelFn, x: jax.Array, t: jax.Array, x_ref: jax.A
 KINDS = ("random", "adversarial")
 
 
-def trajectory_perturbation(model_fn: ModelFn, kind: str, rho: float, attack_steps: Sequence[int],
-                            num_steps: int, alphas_cumprod: np.ndarray, keys: jax.Array, *,
-                            pgd_steps: int = 5) -> Callable[[jax.Array, jax.Array, jax.Array],
-                                                            jax.Array]:
+def trajectory_perturbation(
+    model_fn: ModelFn,
+    kind: str,
+    rho: float,
+    attack_steps: Sequence[int],
+    num_steps: int,
+    alphas_cumprod: np.ndarray,
+    keys: jax.Array,
+    *,
+    pgd_steps: int = 5,
+) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
   """perturb(i, t, x_t) for a sampler: x_t + δ at the steps i in `attack_steps`, else x_t.
 
   δ is `kind` "random" (on the budget sphere) or "adversarial" (PGD maximising the error of
@@ -100,8 +117,10 @@ def trajectory_perturbation(model_fn: ModelFn, kind: str, rho: float, attack_ste
     raise ValueError(f"Unknown perturbation kind {kind!r}; allowed kinds are {list(KINDS)}.")
   bad = [i for i in attack_steps if not 0 <= int(i) < num_steps]
   if bad or not attack_steps:
-    raise ValueError(f"attack steps {list(attack_steps)} must be a non-empty list of sampler "
-                     f"step indices in [0, {num_steps}).")
+    raise ValueError(
+        f"attack steps {list(attack_steps)} must be a non-empty list of sampler "
+        f"step indices in [0, {num_steps})."
+    )
   attacked = jnp.zeros((num_steps,), bool).at[jnp.asarray(list(attack_steps))].set(True)
 
   def perturb(i: jax.Array, t: jax.Array, x: jax.Array) -> jax.Array:
@@ -111,8 +130,9 @@ def trajectory_perturbation(model_fn: ModelFn, kind: str, rho: float, attack_ste
       if kind == "random":
         return x + random_perturbation(step_keys, x, rho)
       reference = jax.lax.stop_gradient(x0_prediction(model_fn, x, t, alphas_cumprod))
-      return x + pgd_perturbation(model_fn, x, t, reference, alphas_cumprod, rho, step_keys,
-                                  steps=pgd_steps)
+      return x + pgd_perturbation(
+          model_fn, x, t, reference, alphas_cumprod, rho, step_keys, steps=pgd_steps
+      )
 
     return jax.lax.cond(attacked[i], add_delta, lambda x: x, x)
 

@@ -40,9 +40,16 @@ Sampler = Callable[..., jax.Array]
 METHODS = ("ancestral", "ancestral_es", "ddim", "dpm_solver", "dpm_solver++", "consistency")
 
 _ANCESTRAL = dict(learn_sigma=True, clip_denoised=True, spacing="adm")
-_DPM = dict(skip_type="logSNR", t_start=1.0, t_end=None, lower_order_final=True,
-            lower_order_final_below=10, denoise_to_zero=False,
-            truncate_cosine_like_reference=False, multistep3_like_reference=False)
+_DPM = dict(
+    skip_type="logSNR",
+    t_start=1.0,
+    t_end=None,
+    lower_order_final=True,
+    lower_order_final_below=10,
+    denoise_to_zero=False,
+    truncate_cosine_like_reference=False,
+    multistep3_like_reference=False,
+)
 DEFAULTS: dict[str, dict[str, Any]] = {
     "ancestral": _ANCESTRAL,
     "ancestral_es": dict(_ANCESTRAL, eps_scale=1.017, eps_scale_slope=0.0),
@@ -60,12 +67,14 @@ def _resolve(method: str, options: dict[str, Any]) -> dict[str, Any]:
   if unknown:
     raise ValueError(
         f"Unknown option(s) {unknown} for sampling method {method!r}; allowed options are "
-        f"{sorted(DEFAULTS[method])}.")
+        f"{sorted(DEFAULTS[method])}."
+    )
   return {**DEFAULTS[method], **options}
 
 
-def make_sampler(method: str, nfe: int, diffusion_schedule: str, num_timesteps: int,
-                 **options: Any) -> Sampler:
+def make_sampler(
+    method: str, nfe: int, diffusion_schedule: str, num_timesteps: int, **options: Any
+) -> Sampler:
   """A pure `sample(model_fn, noise, keys=None) -> samples` making exactly `nfe` model calls."""
   opts = _resolve(method, options)
   if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
@@ -80,49 +89,75 @@ def make_sampler(method: str, nfe: int, diffusion_schedule: str, num_timesteps: 
     def sample(model_fn: ModelFn, noise: jax.Array, keys: jax.Array | None = None) -> jax.Array:
       if keys is None:
         raise ValueError(f"Sampling method {method!r} is stochastic and needs per-sample keys.")
-      return sample_ancestral(model_fn, noise, diffusion, keys, learn_sigma=opts["learn_sigma"],
-                              clip_denoised=opts["clip_denoised"], eps_scale=scale,
-                              eps_scale_slope=slope)[0]
+      return sample_ancestral(
+          model_fn,
+          noise,
+          diffusion,
+          keys,
+          learn_sigma=opts["learn_sigma"],
+          clip_denoised=opts["clip_denoised"],
+          eps_scale=scale,
+          eps_scale_slope=slope,
+      )[0]
 
   elif method == "ddim":
     eta = check_eta(opts["eta"])
     diffusion = respaced_diffusion(diffusion_schedule, num_timesteps, nfe, opts["spacing"])
 
     def sample(model_fn: ModelFn, noise: jax.Array, keys: jax.Array | None = None) -> jax.Array:
-      return sample_ddim(model_fn, noise, diffusion, keys, eta=eta,
-                         clip_denoised=opts["clip_denoised"])[0]
+      return sample_ddim(
+          model_fn, noise, diffusion, keys, eta=eta, clip_denoised=opts["clip_denoised"]
+      )[0]
 
   elif method == "consistency":
-    timesteps = check_timesteps(opts["timesteps"] or default_timesteps(nfe, num_timesteps), nfe,
-                                num_timesteps)
+    timesteps = check_timesteps(
+        opts["timesteps"] or default_timesteps(nfe, num_timesteps), nfe, num_timesteps
+    )
     opts = dict(opts, timesteps=timesteps)
     alphas_cumprod = GaussianDiffusion.create(diffusion_schedule, num_timesteps).alphas_cumprod
 
     def sample(model_fn: ModelFn, noise: jax.Array, keys: jax.Array | None = None) -> jax.Array:
-      return sample_consistency(model_fn, noise, alphas_cumprod, timesteps, keys,
-                                sigma_data=opts["sigma_data"],
-                                timestep_scale=opts["timestep_scale"], clip_x0=opts["clip_x0"])
+      return sample_consistency(
+          model_fn,
+          noise,
+          alphas_cumprod,
+          timesteps,
+          keys,
+          sigma_data=opts["sigma_data"],
+          timestep_scale=opts["timestep_scale"],
+          clip_x0=opts["clip_x0"],
+      )
 
   else:
     schedule = DiscreteVPSchedule.create(
-        diffusion_schedule, num_timesteps,
-        truncate_cosine_like_reference=opts["truncate_cosine_like_reference"])
+        diffusion_schedule,
+        num_timesteps,
+        truncate_cosine_like_reference=opts["truncate_cosine_like_reference"],
+    )
     steps = nfe - int(bool(opts["denoise_to_zero"]))
     if steps < 1:
       raise ValueError(
           f"nfe={nfe} leaves no solver step once denoise_to_zero takes one model call; use "
-          "nfe >= 2 or denoise_to_zero=False.")
+          "nfe >= 2 or denoise_to_zero=False."
+      )
     predictor = "noise" if method == "dpm_solver" else "data"
     t_end = 1.0 / schedule.total_n if opts["t_end"] is None else opts["t_end"]
-    check_settings(steps, opts["order"], opts["solver"], opts["skip_type"], predictor,
-                   opts["t_start"], t_end)
-    kwargs = dict(order=opts["order"], method=opts["solver"], skip_type=opts["skip_type"],
-                  predictor=predictor, t_start=opts["t_start"], t_end=t_end,
-                  lower_order_final=opts["lower_order_final"],
-                  lower_order_final_below=opts["lower_order_final_below"],
-                  denoise_to_zero=opts["denoise_to_zero"],
-                  multistep3_like_reference=opts["multistep3_like_reference"],
-                  clip_denoised=opts.get("clip_denoised", False))
+    check_settings(
+        steps, opts["order"], opts["solver"], opts["skip_type"], predictor, opts["t_start"], t_end
+    )
+    kwargs = dict(
+        order=opts["order"],
+        method=opts["solver"],
+        skip_type=opts["skip_type"],
+        predictor=predictor,
+        t_start=opts["t_start"],
+        t_end=t_end,
+        lower_order_final=opts["lower_order_final"],
+        lower_order_final_below=opts["lower_order_final_below"],
+        denoise_to_zero=opts["denoise_to_zero"],
+        multistep3_like_reference=opts["multistep3_like_reference"],
+        clip_denoised=opts.get("clip_denoised", False),
+    )
 
     def sample(model_fn: ModelFn, noise: jax.Array, keys: jax.Array | None = None) -> jax.Array:
       del keys  # deterministic ODE solver

@@ -3,13 +3,15 @@
 The cache lets the many small training runs of the suite (in this process and in the
 `main.py` subprocesses of `tests/run_utils.py`) compile each distinct program once.
 """
+
 import os
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), "adv_diffusion_test_jax_cache"))
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "adv_diffusion_test_jax_cache")
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 
@@ -23,6 +25,7 @@ def trained_tiny(tmp_path_factory) -> str:
   from tests import run_utils
 
   workdir = str(tmp_path_factory.mktemp("trained_tiny") / "run")
-  run_utils.run_main(workdir, "--config.train.num_steps=2",
-                     "--config.train.async_checkpointing=False")
+  run_utils.run_main(
+      workdir, "--config.train.num_steps=2", "--config.train.async_checkpointing=False"
+  )
   return workdir

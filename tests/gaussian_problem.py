@@ -40,8 +40,11 @@ class Gaussian:
     """Exact E[ε | x_t] at original-grid (possibly fractional) timestep τ."""
     dt = self.dtype
     # log α piecewise linear in τ: exact at integer τ, and the DPM-Solver schedule between.
-    log_alpha = jnp.interp(jnp.asarray(tau, dt), jnp.arange(T, dtype=dt),
-                           jnp.asarray(0.5 * np.log(self.alphas_cumprod), dt))
+    log_alpha = jnp.interp(
+        jnp.asarray(tau, dt),
+        jnp.arange(T, dtype=dt),
+        jnp.asarray(0.5 * np.log(self.alphas_cumprod), dt),
+    )
     log_alpha = log_alpha.reshape((-1,) + (1,) * (x.ndim - 1))
     alpha, var = jnp.exp(log_alpha), -jnp.expm1(2 * log_alpha)
     mu, s = jnp.asarray(self.mu, dt), jnp.asarray(self.s, dt)
@@ -63,11 +66,11 @@ class GaussianProblem:
     self.alphas_cumprod = GaussianDiffusion.create("linear", T).alphas_cumprod
     self.a = jnp.sqrt(jnp.asarray(self.alphas_cumprod, jnp.float32))[:, None]
     self.sig = jnp.sqrt(1.0 - jnp.asarray(self.alphas_cumprod, jnp.float32))[:, None]
-    self.var = self.a ** 2 * self.s ** 2 + self.sig ** 2  # Var[x_t] per dimension
+    self.var = self.a**2 * self.s**2 + self.sig**2  # Var[x_t] per dimension
 
   def teacher(self):
     """Exact posterior mean E[x_0 | x_t] = w_t·x_t + b_t as tables over t."""
-    w = self.a * self.s ** 2 / self.var
+    w = self.a * self.s**2 / self.var
     return {"w": w, "b": self.mu - w * self.a * self.mu}
 
   def net(self, params, x, t, labels=None, key=None):

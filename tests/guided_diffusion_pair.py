@@ -34,9 +34,18 @@ from tests.gaussian_problem import T, keys_for  # noqa: E402
 # One resolution level keeps the network's own float32 torch-vs-XLA difference (~3e-6 per call)
 # well inside the budget: a two-level UNet reaches ~1e-5 after 10 steps (UNet parity itself is
 # tests/test_unet.py's job). Learned variance (2C outputs) exercises ADM's LEARNED_RANGE.
-UNET = dict(image_size=8, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
-            attention_resolutions=(1,), channel_mult=(1,), num_head_channels=8,
-            use_scale_shift_norm=True, use_new_attention_order=True)
+UNET = dict(
+    image_size=8,
+    in_channels=3,
+    model_channels=32,
+    out_channels=6,
+    num_res_blocks=1,
+    attention_resolutions=(1,),
+    channel_mult=(1,),
+    num_head_channels=8,
+    use_scale_shift_norm=True,
+    use_new_attention_order=True,
+)
 RESPACING = "10"
 PARITY_TOL = 1e-5
 
@@ -62,7 +71,9 @@ class Pair:
         use_timesteps=space_timesteps(T, RESPACING),
         betas=gd.get_named_beta_schedule("cosine", T),
         model_mean_type=gd.ModelMeanType.EPSILON,
-        model_var_type=gd.ModelVarType.LEARNED_RANGE, loss_type=gd.LossType.RESCALED_MSE)
+        model_var_type=gd.ModelVarType.LEARNED_RANGE,
+        loss_type=gd.LossType.RESCALED_MSE,
+    )
     rng = np.random.default_rng(1)
     self.noise = rng.standard_normal((2, 8, 8, 3)).astype(np.float32)
     self.keys = keys_for(2, seed=7)

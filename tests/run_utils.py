@@ -14,8 +14,13 @@ TINY_CONFIG = os.path.join(REPO, "tests", "configs", "tiny_digits.py")
 
 
 def main_command(workdir: str, *overrides: str, config: str = TINY_CONFIG) -> list[str]:
-  return [sys.executable, os.path.join(REPO, "main.py"), f"--config={config}",
-          f"--workdir={workdir}", *overrides]
+  return [
+      sys.executable,
+      os.path.join(REPO, "main.py"),
+      f"--config={config}",
+      f"--workdir={workdir}",
+      *overrides,
+  ]
 
 
 def subprocess_env(num_devices: int = 1) -> dict[str, str]:
@@ -26,11 +31,21 @@ def subprocess_env(num_devices: int = 1) -> dict[str, str]:
   return env
 
 
-def run_main(workdir: str, *overrides: str, num_devices: int = 1, config: str = TINY_CONFIG,
-             check: bool = True) -> subprocess.CompletedProcess:
-  result = subprocess.run(main_command(workdir, *overrides, config=config), cwd=REPO,
-                          env=subprocess_env(num_devices), capture_output=True, text=True,
-                          timeout=900)
+def run_main(
+    workdir: str,
+    *overrides: str,
+    num_devices: int = 1,
+    config: str = TINY_CONFIG,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+  result = subprocess.run(
+      main_command(workdir, *overrides, config=config),
+      cwd=REPO,
+      env=subprocess_env(num_devices),
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
   if check and result.returncode != 0:
     raise AssertionError(f"main.py failed ({result.returncode}):\n{result.stderr[-4000:]}")
   return result
@@ -66,9 +81,11 @@ def read_checkpoint(workdir: str, step: int | None = None) -> dict:
 
 
 def max_abs_diff(tree_a, tree_b) -> float:
-  diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a, np.float64)
-                                                        - np.asarray(b, np.float64)))),
-                       tree_a, tree_b)
+  diffs = jax.tree.map(
+      lambda a, b: float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))),
+      tree_a,
+      tree_b,
+  )
   return max(jax.tree.leaves(diffs))
 
 

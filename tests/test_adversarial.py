@@ -26,8 +26,9 @@ def test_l2_normalize_gives_unit_norms_and_keeps_zero():
 
 
 def test_l2_projection_closed_form_and_never_enlarges():
-  delta = _random((6, 4, 4, 3), seed=1) * jnp.asarray([0.01, 0.1, 0.3, 1, 3, 10])[:, None, None,
-                                                                                   None]
+  delta = (
+      _random((6, 4, 4, 3), seed=1) * jnp.asarray([0.01, 0.1, 0.3, 1, 3, 10])[:, None, None, None]
+  )
   radius = 0.1
   bound = np.sqrt(48) * radius
   projected = adversarial.project_l2(delta, radius)
@@ -41,9 +42,12 @@ def test_l2_projection_closed_form_and_never_enlarges():
   np.testing.assert_allclose(cos, 1.0, rtol=1e-6)
   # Per-example radii.
   radii = jnp.asarray([0.0, 0.01, 0.05, 0.1, 1.0, 100.0])
-  np.testing.assert_allclose(_norms(adversarial.project_l2(delta, radii)),
-                             np.minimum(before, np.sqrt(48) * np.asarray(radii)), rtol=1e-6,
-                             atol=1e-7)
+  np.testing.assert_allclose(
+      _norms(adversarial.project_l2(delta, radii)),
+      np.minimum(before, np.sqrt(48) * np.asarray(radii)),
+      rtol=1e-6,
+      atol=1e-7,
+  )
 
 
 def test_linf_projection_and_sign_step():
@@ -71,15 +75,29 @@ def test_l2_ascent_norms_follow_the_closed_form():
 
 def test_random_init_has_the_requested_size():
   shape = (8, 4, 4, 3)
-  d = adversarial.init_delta(jax.random.key(0), shape, init="random", norm="l2", magnitude=0.02,
-                             radius=jnp.full((8,), 0.1))
+  d = adversarial.init_delta(
+      jax.random.key(0), shape, init="random", norm="l2", magnitude=0.02, radius=jnp.full((8,), 0.1)
+  )
   np.testing.assert_allclose(_norms(d), np.sqrt(48) * 0.02, rtol=1e-5)
-  d = adversarial.init_delta(jax.random.key(0), shape, init="random", norm="linf", magnitude=0.02,
-                             radius=jnp.full((8,), 0.1))
+  d = adversarial.init_delta(
+      jax.random.key(0),
+      shape,
+      init="random",
+      norm="linf",
+      magnitude=0.02,
+      radius=jnp.full((8,), 0.1),
+  )
   assert float(jnp.max(jnp.abs(d))) <= 0.02 and float(jnp.std(d)) > 0.005
   carried = _random(shape, seed=5)
-  d = adversarial.init_delta(jax.random.key(0), shape, init="carry", norm="l2", magnitude=0.0,
-                             radius=jnp.full((8,), 0.1), carried=carried)
+  d = adversarial.init_delta(
+      jax.random.key(0),
+      shape,
+      init="carry",
+      norm="l2",
+      magnitude=0.0,
+      radius=jnp.full((8,), 0.1),
+      carried=carried,
+  )
   np.testing.assert_allclose(_norms(d), np.minimum(_norms(carried), np.sqrt(48) * 0.1), rtol=1e-5)
 
 

@@ -24,8 +24,9 @@ def test_ancestral_reproduces_data_mean_and_variance():
   n = 4096
   g = Gaussian("cosine", jnp.float32, shape=(n, 2, 2, 2))
   d = GaussianDiffusion.create("cosine", T, "250")
-  run = jax.jit(lambda x, k: sample_ancestral(g.model_fn, x, d, k, learn_sigma=False,
-                                              clip_denoised=False)[0])
+  run = jax.jit(
+      lambda x, k: sample_ancestral(g.model_fn, x, d, k, learn_sigma=False, clip_denoised=False)[0]
+  )
   out = np.asarray(run(jnp.asarray(g.x_t, jnp.float32), keys_for(n)))
   assert np.max(np.abs(out.mean(0) - g.mu) / (g.s / np.sqrt(n))) < 4
   assert np.max(np.abs(out.std(0) / g.s - 1)) < 0.05
@@ -38,8 +39,9 @@ def test_train_loop_entry_point_matches_sample_ancestral():
   keys, x = keys_for(16, seed=5), jnp.asarray(g.x_t, jnp.float32)
   es = dict(eps_scale=1.017, eps_scale_slope=-0.001)
   new, nfe = sample_ancestral(g.model_fn, x, d, keys, learn_sigma=False, **es)
-  legacy = ancestral_sample(lambda x, t: g.model_fn(x, d.model_timesteps(t)), x, d, keys,
-                            learn_sigma=False, **es)
+  legacy = ancestral_sample(
+      lambda x, t: g.model_fn(x, d.model_timesteps(t)), x, d, keys, learn_sigma=False, **es
+  )
   plain = sample_ancestral(g.model_fn, x, d, keys, learn_sigma=False)[0]
   assert nfe == 20
   np.testing.assert_array_equal(legacy, new)
@@ -69,8 +71,9 @@ def pair():
   yield from gdp.pair_with_one_torch_thread()
 
 
-@pytest.mark.parametrize("eps_scale,eps_scale_slope", [(1.0, 0.0), (1.017, 0.004)],
-                         ids=["adm", "adm-es-linear"])
+@pytest.mark.parametrize(
+    "eps_scale,eps_scale_slope", [(1.0, 0.0), (1.017, 0.004)], ids=["adm", "adm-es-linear"]
+)
 def test_ancestral_matches_guided_diffusion(pair, monkeypatch, eps_scale, eps_scale_slope):
   kept = space_timesteps(T, gdp.RESPACING)
   scales = eps_scale_schedule(len(kept), eps_scale, eps_scale_slope).astype(np.float32)
@@ -81,9 +84,18 @@ def test_ancestral_matches_guided_diffusion(pair, monkeypatch, eps_scale, eps_sc
 
   monkeypatch.setattr(gdp.gd, "th", gdp.TorchFeedingNoise(pair.step_noise()))
   with th.no_grad():
-    theirs = pair.theirs.p_sample_loop(es_model, (2, 3, 8, 8), device="cpu",
-                                       noise=th.from_numpy(pair.noise.transpose(0, 3, 1, 2)))
-  run = jax.jit(lambda x, k: sample_ancestral(pair.model_fn, x, pair.ours, k, learn_sigma=True,
-                                              eps_scale=eps_scale,
-                                              eps_scale_slope=eps_scale_slope)[0])
+    theirs = pair.theirs.p_sample_loop(
+        es_model, (2, 3, 8, 8), device="cpu", noise=th.from_numpy(pair.noise.transpose(0, 3, 1, 2))
+    )
+  run = jax.jit(
+      lambda x, k: sample_ancestral(
+          pair.model_fn,
+          x,
+          pair.ours,
+          k,
+          learn_sigma=True,
+          eps_scale=eps_scale,
+          eps_scale_slope=eps_scale_slope,
+      )[0]
+  )
   assert max_err(run(jnp.asarray(pair.noise), pair.keys), gdp.nhwc(theirs)) <= gdp.PARITY_TOL

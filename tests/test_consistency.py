@@ -23,9 +23,18 @@ from tests.test_train_step import _cd_step_setup
 
 def _cm(**overrides) -> ConsistencySettings:
   cm = dict(
-      mode="distill", num_scales=20, skip=1, distance="l2", sigma_data=0.5, timestep_scale=10.0,
-      clip_x0=False, target_ema=0.9, target_ema_schedule="constant", target_ema_start=0.9,
-      target_ema_ramp_updates=0)
+      mode="distill",
+      num_scales=20,
+      skip=1,
+      distance="l2",
+      sigma_data=0.5,
+      timestep_scale=10.0,
+      clip_x0=False,
+      target_ema=0.9,
+      target_ema_schedule="constant",
+      target_ema_start=0.9,
+      target_ema_ramp_updates=0,
+  )
   cm.update(overrides)
   return ConsistencySettings(**cm)
 
@@ -41,8 +50,9 @@ def test_boundary_condition_holds_for_any_network():
   assert float(jnp.max(jnp.abs(out))) > 0.1  # the network itself is far from the identity
   ac = GaussianDiffusion.create("cosine", T).alphas_cumprod
   for clip in (True, False):
-    np.testing.assert_array_equal(np.asarray(consistency_function(out, x, t0, ac, clip_x0=clip)),
-                                  np.asarray(x))
+    np.testing.assert_array_equal(
+        np.asarray(consistency_function(out, x, t0, ac, clip_x0=clip)), np.asarray(x)
+    )
   c_skip, c_out = boundary_scalings(jnp.arange(3), 0.5, 10.0)
   assert float(c_skip[0]) == 1.0 and float(c_out[0]) == 0.0
   assert float(c_skip[1]) == pytest.approx(0.25 / 100.25) and float(c_out[1]) > 0.99
@@ -54,10 +64,12 @@ def test_time_grid_and_metric_helpers():
   a, b = jnp.zeros((2, 2, 2, 1)), jnp.ones((2, 2, 2, 1))
   np.testing.assert_allclose(consistency.distance(a, b, "l2"), [1.0, 1.0])
   c = 0.00054 * 2.0
-  np.testing.assert_allclose(consistency.distance(a, b, "pseudo_huber"),
-                             [np.sqrt(4 + c * c) - c] * 2, rtol=1e-6)
-  ramp = _cm(target_ema_schedule="linear", target_ema_start=0.5, target_ema=0.9,
-             target_ema_ramp_updates=10)
+  np.testing.assert_allclose(
+      consistency.distance(a, b, "pseudo_huber"), [np.sqrt(4 + c * c) - c] * 2, rtol=1e-6
+  )
+  ramp = _cm(
+      target_ema_schedule="linear", target_ema_start=0.5, target_ema=0.9, target_ema_ramp_updates=10
+  )
   assert float(consistency.target_ema_rate(ramp, jnp.asarray(5))) == pytest.approx(0.7)
   assert float(consistency.target_ema_rate(ramp, jnp.asarray(50))) == pytest.approx(0.9)
 
@@ -81,10 +93,20 @@ def test_distillation_with_exact_gaussian_teacher_learns_the_ode_flow():
   def step(params, target, opt_state, key):
     x0 = g.mu + g.s * jax.random.normal(jax.random.fold_in(key, 0), (256, 1, 1, 4))
     inputs = consistency.consistency_inputs(
-        x0, None, jax.random.fold_in(key, 1), target_params=target, teacher_params=teacher,
-        eval_fn=g.net, alphas_cumprod=ac, cm=cm)
-    grads = jax.grad(lambda p: consistency.consistency_loss(
-        p, None, inputs, key, apply_fn=g.net, alphas_cumprod=ac, cm=cm)[0])(params)
+        x0,
+        None,
+        jax.random.fold_in(key, 1),
+        target_params=target,
+        teacher_params=teacher,
+        eval_fn=g.net,
+        alphas_cumprod=ac,
+        cm=cm,
+    )
+    grads = jax.grad(
+        lambda p: consistency.consistency_loss(
+            p, None, inputs, key, apply_fn=g.net, alphas_cumprod=ac, cm=cm
+        )[0]
+    )(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     target = step_lib.ema_update(target, params, cm.target_ema)
@@ -112,15 +134,30 @@ def test_cd_delta_gradient_matches_finite_differences():
 
   cm = dataclasses.replace(settings.consistency, clip_x0=False)  # clipping: not differentiable
   inputs = consistency.consistency_inputs(
-      x0, None, jax.random.key(7), target_params=state.target_params, teacher_params=teacher,
-      eval_fn=eval_fn, alphas_cumprod=diffusion.alphas_cumprod, cm=cm)
+      x0,
+      None,
+      jax.random.key(7),
+      target_params=state.target_params,
+      teacher_params=teacher,
+      eval_fn=eval_fn,
+      alphas_cumprod=diffusion.alphas_cumprod,
+      cm=cm,
+  )
   # Mid-range t and the clean images as target: near t = T − 1, 1/sqrt(ᾱ_t) ~ 2e4 blows the
   # loss of this untrained network up beyond float32 finite differences.
   inputs = inputs.replace(t=jnp.asarray([100, 200, 300, 400, 500, 600, 700, 800]), target=x0)
   apply_fn = lambda p, x, t, labels, key: eval_fn(p, x, t, labels)  # noqa: E731
-  loss = jax.jit(lambda d: consistency.consistency_loss(
-      state.params, d, inputs, jax.random.key(0), apply_fn=apply_fn,
-      alphas_cumprod=diffusion.alphas_cumprod, cm=cm)[0])
+  loss = jax.jit(
+      lambda d: consistency.consistency_loss(
+          state.params,
+          d,
+          inputs,
+          jax.random.key(0),
+          apply_fn=apply_fn,
+          alphas_cumprod=diffusion.alphas_cumprod,
+          cm=cm,
+      )[0]
+  )
   delta = 0.05 * jax.random.normal(jax.random.key(8), x0.shape)
   direction = 0.01 * jax.random.normal(jax.random.key(9), x0.shape)
   analytic = float(jnp.vdot(jax.grad(loss)(delta), direction))

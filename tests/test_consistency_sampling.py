@@ -14,7 +14,8 @@ def test_multistep_sampling_makes_exactly_the_configured_model_calls():
     sampler = make_sampler("consistency", nfe, "cosine", T)
     model_fn, calls = counting(lambda x, t: jnp.zeros_like(x))
     out = jax.jit(lambda noise, keys: sampler(model_fn, noise, keys))(
-        jnp.ones((2, 4, 4, 1)), jax.random.split(jax.random.key(0), 2))
+        jnp.ones((2, 4, 4, 1)), jax.random.split(jax.random.key(0), 2)
+    )
     jax.effects_barrier()
     assert sampler.nfe == nfe and [int(c[0]) for c in calls] == expected
     assert out.shape == (2, 4, 4, 1)

@@ -12,8 +12,13 @@ import pytest
 import torch as th
 
 from adv_diffusion.diffusion import GaussianDiffusion, space_timesteps
-from sampling.ddim import (ddim_nfe, diffusion_from_timesteps, kept_timesteps,
-                           respaced_diffusion, sample_ddim)
+from sampling.ddim import (
+    ddim_nfe,
+    diffusion_from_timesteps,
+    kept_timesteps,
+    respaced_diffusion,
+    sample_ddim,
+)
 from sampling.dpm_solver import DiscreteVPSchedule, dpm_solver_nfe, sample_dpm_solver
 from tests import guided_diffusion_pair as gdp
 from tests.gaussian_problem import SHAPE, T, Gaussian, assert_one_sentence, max_err, slope
@@ -44,9 +49,18 @@ def test_ddim_equals_dpm_solver_1_on_the_same_grid(schedule, x64, predictor):
     x = jnp.asarray(g.x_t, dtype)
     d = diffusion_from_timesteps(schedule, T, list(range(0, T, 111)))
     ddim = jax.jit(lambda x: sample_ddim(g.model_fn, x, d, clip_denoised=False)[0])(x)
-    dpm = jax.jit(lambda x: sample_dpm_solver(
-        g.model_fn, x, DiscreteVPSchedule.create(schedule, T), 9, order=1,
-        skip_type="time_uniform", predictor=predictor, denoise_to_zero=True)[0])(x)
+    dpm = jax.jit(
+        lambda x: sample_dpm_solver(
+            g.model_fn,
+            x,
+            DiscreteVPSchedule.create(schedule, T),
+            9,
+            order=1,
+            skip_type="time_uniform",
+            predictor=predictor,
+            denoise_to_zero=True,
+        )[0]
+    )(x)
   assert ddim_nfe(d) == dpm_solver_nfe(9, 1, "multistep", denoise_to_zero=True) == 10
   assert max_err(ddim, dpm) <= 1e-5
 
@@ -75,10 +89,17 @@ def test_kept_timesteps_spacings():
 # ------------------------------------------------------------------------------ validation
 
 
-@pytest.mark.parametrize("call,words", [
-    (lambda: sample_ddim(None, jnp.zeros(SHAPE), GaussianDiffusion.create("cosine", T, "5"),
-                         eta=1.0), ["sample_keys"]),
-])
+@pytest.mark.parametrize(
+    "call,words",
+    [
+        (
+            lambda: sample_ddim(
+                None, jnp.zeros(SHAPE), GaussianDiffusion.create("cosine", T, "5"), eta=1.0
+            ),
+            ["sample_keys"],
+        ),
+    ],
+)
 def test_bad_settings_raise_one_sentence(call, words):
   with pytest.raises(ValueError) as excinfo:
     call()
@@ -97,7 +118,12 @@ def pair():
 def test_ddim_matches_guided_diffusion(pair, monkeypatch, eta):
   monkeypatch.setattr(gdp.gd, "th", gdp.TorchFeedingNoise(pair.step_noise()))
   with th.no_grad():
-    theirs = pair.theirs.ddim_sample_loop(pair.torch, (2, 3, 8, 8), eta=eta, device="cpu",
-                                          noise=th.from_numpy(pair.noise.transpose(0, 3, 1, 2)))
+    theirs = pair.theirs.ddim_sample_loop(
+        pair.torch,
+        (2, 3, 8, 8),
+        eta=eta,
+        device="cpu",
+        noise=th.from_numpy(pair.noise.transpose(0, 3, 1, 2)),
+    )
   run = jax.jit(lambda x, k: sample_ddim(pair.model_fn, x, pair.ours, k, eta=eta)[0])
   assert max_err(run(jnp.asarray(pair.noise), pair.keys), gdp.nhwc(theirs)) <= gdp.PARITY_TOL

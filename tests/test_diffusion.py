@@ -11,7 +11,6 @@ guided_diffusion; the helpers transpose.
 
 from __future__ import annotations
 
-import types
 import warnings
 
 import jax
@@ -31,10 +30,18 @@ with warnings.catch_warnings():
 TOL = 1e-6
 JIT_TOL = 1e-5
 SPEC_TABLES = (
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
-    "posterior_mean_coef1", "posterior_mean_coef2",
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
 )
 # (schedule, respacing) pairs used by the parity tests; None = plain GaussianDiffusion.
 PROCESSES = [("cosine", None), ("linear", None), ("cosine", "ddim10"), ("cosine", "50")]
@@ -62,21 +69,32 @@ def nhwc(x: "th.Tensor") -> np.ndarray:
   return x.detach().numpy().transpose(0, 2, 3, 1)
 
 
-def ref_process(schedule: str, respacing=None, num_timesteps: int = 1000, var_type=LEARNED,
-                loss_type=gd.LossType.RESCALED_MSE):
-  kwargs = dict(betas=gd.get_named_beta_schedule(schedule, num_timesteps),
-                model_mean_type=gd.ModelMeanType.EPSILON, model_var_type=var_type,
-                loss_type=loss_type)
+def ref_process(
+    schedule: str,
+    respacing=None,
+    num_timesteps: int = 1000,
+    var_type=LEARNED,
+    loss_type=gd.LossType.RESCALED_MSE,
+):
+  kwargs = dict(
+      betas=gd.get_named_beta_schedule(schedule, num_timesteps),
+      model_mean_type=gd.ModelMeanType.EPSILON,
+      model_var_type=var_type,
+      loss_type=loss_type,
+  )
   if respacing is None:
     return gd.GaussianDiffusion(**kwargs)
   return gd_respace.SpacedDiffusion(
-      use_timesteps=gd_respace.space_timesteps(num_timesteps, respacing), **kwargs)
+      use_timesteps=gd_respace.space_timesteps(num_timesteps, respacing), **kwargs
+  )
 
 
 def pair(schedule: str, respacing=None, **ref_kwargs):
   """(ours, guided_diffusion reference) for the same 1000-step process."""
-  return (D.GaussianDiffusion.create(schedule, 1000, respacing),
-          ref_process(schedule, respacing, **ref_kwargs))
+  return (
+      D.GaussianDiffusion.create(schedule, 1000, respacing),
+      ref_process(schedule, respacing, **ref_kwargs),
+  )
 
 
 class FixedModel:
@@ -93,8 +111,9 @@ class FixedModel:
 
 
 def ref_vb(ref, out, x0, xt, t) -> np.ndarray:
-  return ref._vb_terms_bpd(FixedModel(out), nchw(x0), nchw(xt), th.from_numpy(t),
-                           clip_denoised=False)["output"].numpy()
+  return ref._vb_terms_bpd(
+      FixedModel(out), nchw(x0), nchw(xt), th.from_numpy(t), clip_denoised=False
+  )["output"].numpy()
 
 
 def make_batch(num_timesteps: int, seed: int = 0, learn_sigma: bool = True, c: int = 3):
@@ -133,9 +152,20 @@ def test_beta_schedules_match_adm_exactly(schedule, num_timesteps):
 
 
 SPACING_CASES = [
-    (1000, "ddim10"), (1000, "ddim50"), (1000, "ddim25"), (1000, "ddim1000"), (1000, "10,20"),
-    (1000, "50"), (1000, "250"), (1000, "1000"), (1000, "1,2,3"), (300, "10,15,20"),
-    (300, [10, 15, 20]), (100, "0,7"), (4000, "ddim100"), (1001, "10,10,10"),
+    (1000, "ddim10"),
+    (1000, "ddim50"),
+    (1000, "ddim25"),
+    (1000, "ddim1000"),
+    (1000, "10,20"),
+    (1000, "50"),
+    (1000, "250"),
+    (1000, "1000"),
+    (1000, "1,2,3"),
+    (300, "10,15,20"),
+    (300, [10, 15, 20]),
+    (100, "0,7"),
+    (4000, "ddim100"),
+    (1001, "10,10,10"),
 ]
 
 
@@ -172,8 +202,10 @@ def test_respaced_known_structure():
   # Respacing keeps alpha_bar at the kept steps (IDDPM Eq. 19), up to float64 rounding.
   np.testing.assert_allclose(d.alphas_cumprod, base.alphas_cumprod[::100], rtol=1e-12)
   assert D.GaussianDiffusion.create("cosine", 1000, "").num_timesteps == 1000
-  np.testing.assert_array_equal(D.GaussianDiffusion.create("linear", 1000, None).betas,
-                                gd.get_named_beta_schedule("linear", 1000))
+  np.testing.assert_array_equal(
+      D.GaussianDiffusion.create("linear", 1000, None).betas,
+      gd.get_named_beta_schedule("linear", 1000),
+  )
   assert "num_timesteps=10" in repr(d)
 
 
@@ -234,10 +266,16 @@ def test_q_sample_and_q_mean_variance_parity(schedule, respacing):
   ours, ref = pair(schedule, respacing)
   x0, noise, t, _ = make_batch(ours.num_timesteps)
   tt = th.from_numpy(t)
-  assert_close(ours.q_sample(x0, t, noise),
-               nhwc(ref.q_sample(nchw(x0), tt, noise=nchw(noise))), what="q_sample")
-  for o, r, name in zip(ours.q_mean_variance(x0, t), ref.q_mean_variance(nchw(x0), tt),
-                        ("mean", "variance", "log_variance")):
+  assert_close(
+      ours.q_sample(x0, t, noise),
+      nhwc(ref.q_sample(nchw(x0), tt, noise=nchw(noise))),
+      what="q_sample",
+  )
+  for o, r, name in zip(
+      ours.q_mean_variance(x0, t),
+      ref.q_mean_variance(nchw(x0), tt),
+      ("mean", "variance", "log_variance"),
+  ):
     assert_close(o, nhwc(r), what=name)
 
 
@@ -247,15 +285,23 @@ def test_q_posterior_parity(schedule, respacing):
   x0, noise, t, _ = make_batch(ours.num_timesteps, seed=1)
   xt = np.asarray(ours.q_sample(x0, t, noise))
   tt = th.from_numpy(t)
-  for o, r, name in zip(ours.q_posterior_mean_variance(x0, xt, t),
-                        ref.q_posterior_mean_variance(nchw(x0), nchw(xt), tt),
-                        ("mean", "variance", "log_variance_clipped")):
+  for o, r, name in zip(
+      ours.q_posterior_mean_variance(x0, xt, t),
+      ref.q_posterior_mean_variance(nchw(x0), nchw(xt), tt),
+      ("mean", "variance", "log_variance_clipped"),
+  ):
     assert_close(o, nhwc(r), what=name)
   eps = np.random.default_rng(2).standard_normal(x0.shape).astype(np.float32)
-  assert_close(ours.predict_xstart_from_eps(xt, t, eps),
-               nhwc(ref._predict_xstart_from_eps(nchw(xt), tt, nchw(eps))), what="x0_from_eps")
-  assert_close(ours.predict_eps_from_xstart(xt, t, x0),
-               nhwc(ref._predict_eps_from_xstart(nchw(xt), tt, nchw(x0))), what="eps_from_x0")
+  assert_close(
+      ours.predict_xstart_from_eps(xt, t, eps),
+      nhwc(ref._predict_xstart_from_eps(nchw(xt), tt, nchw(eps))),
+      what="x0_from_eps",
+  )
+  assert_close(
+      ours.predict_eps_from_xstart(xt, t, x0),
+      nhwc(ref._predict_eps_from_xstart(nchw(xt), tt, nchw(x0))),
+      what="eps_from_x0",
+  )
 
 
 def test_q_sample_closed_form():
@@ -289,10 +335,12 @@ def test_posterior_tables_closed_form(schedule, respacing):
   # q(x_t|x_{t-1}) q(x_{t-1}|x_0) as a Gaussian in x_{t-1}: precision alpha/beta + 1/(1 - acp).
   prec = alpha[1:] / b[1:] + 1 / (1 - acp[1:])
   np.testing.assert_allclose(d.posterior_variance[1:], 1 / prec, rtol=1e-9)
-  np.testing.assert_allclose(d.posterior_mean_coef2[1:], np.sqrt(alpha[1:]) / b[1:] / prec,
-                             rtol=1e-9)
-  np.testing.assert_allclose(d.posterior_mean_coef1[1:],
-                             np.sqrt(acp[1:]) / (1 - acp[1:]) / prec, rtol=1e-9)
+  np.testing.assert_allclose(
+      d.posterior_mean_coef2[1:], np.sqrt(alpha[1:]) / b[1:] / prec, rtol=1e-9
+  )
+  np.testing.assert_allclose(
+      d.posterior_mean_coef1[1:], np.sqrt(acp[1:]) / (1 - acp[1:]) / prec, rtol=1e-9
+  )
   # At t = 0 the posterior is a point mass at x_0.
   assert d.posterior_variance[0] == 0 and d.posterior_mean_coef2[0] == 0
   assert d.posterior_mean_coef1[0] == pytest.approx(1.0, rel=1e-12)
@@ -305,10 +353,10 @@ def test_predict_roundtrip():
   xt = d.q_sample(x0, t, noise)
   np.testing.assert_allclose(d.predict_xstart_from_eps(xt, t, noise), x0, atol=1e-3)
   keep = t < 900  # away from alpha_bar ~ 0, where x0 is poorly determined in float32
-  np.testing.assert_allclose(d.predict_xstart_from_eps(xt[keep], t[keep], noise[keep]),
-                             x0[keep], atol=2e-5)
-  np.testing.assert_allclose(d.predict_eps_from_xstart(xt, t, x0)[t > 0], noise[t > 0],
-                             atol=2e-3)
+  np.testing.assert_allclose(
+      d.predict_xstart_from_eps(xt[keep], t[keep], noise[keep]), x0[keep], atol=2e-5
+  )
+  np.testing.assert_allclose(d.predict_eps_from_xstart(xt, t, x0)[t > 0], noise[t > 0], atol=2e-3)
 
 
 # ---------------------------------------------------------------------------- reverse process
@@ -434,8 +482,9 @@ def test_training_losses_parity_learned_sigma(schedule, respacing, loss_type, re
     assert_close(oj[key], r[key].numpy(), tol=JIT_TOL, what=f"jit {key}")
 
 
-@pytest.mark.parametrize("loss_type,ref_loss", [("rescaled_mse", gd.LossType.RESCALED_MSE),
-                                                ("mse", gd.LossType.MSE)])
+@pytest.mark.parametrize(
+    "loss_type,ref_loss", [("rescaled_mse", gd.LossType.RESCALED_MSE), ("mse", gd.LossType.MSE)]
+)
 def test_training_losses_parity_fixed_variance(loss_type, ref_loss):
   ours, ref = pair("linear", var_type=FIXED_LARGE, loss_type=ref_loss)
   x0, noise, t, out = make_batch(1000, seed=11, learn_sigma=False)
@@ -471,8 +520,9 @@ def test_training_losses_rejects_bad_loss_type():
   d = D.GaussianDiffusion.create("cosine", 100)
   x = jnp.zeros((1, 4, 4, 3))
   with pytest.raises(ValueError, match=r"'kl'.*mse.*rescaled_mse"):
-    d.training_losses(jnp.zeros((1, 4, 4, 6)), x, x, jnp.array([3]), x, learn_sigma=True,
-                      loss_type="kl")
+    d.training_losses(
+        jnp.zeros((1, 4, 4, 6)), x, x, jnp.array([3]), x, learn_sigma=True, loss_type="kl"
+    )
 
 
 # ---------------------------------------------------------------------------- likelihood helpers
@@ -505,12 +555,14 @@ def test_approx_standard_normal_cdf():
   assert_close(ours, gd_losses.approx_standard_normal_cdf(th.from_numpy(x)).numpy(), what="cdf")
 
 
-@pytest.mark.parametrize("mean,log_scale",
-                         [(0.0, -3.0), (0.3, -5.0), (-0.95, -4.0), (0.999, -2.0), (0.1, 0.0)])
+@pytest.mark.parametrize(
+    "mean,log_scale", [(0.0, -3.0), (0.3, -5.0), (-0.95, -4.0), (0.999, -2.0), (0.1, 0.0)]
+)
 def test_discretized_log_likelihood_sums_to_one(mean, log_scale):
   levels = jnp.linspace(-1.0, 1.0, 256, dtype=jnp.float32).reshape(1, 256)
   ll = D.discretized_gaussian_log_likelihood(
-      levels, jnp.full_like(levels, mean), jnp.full_like(levels, log_scale))
+      levels, jnp.full_like(levels, mean), jnp.full_like(levels, log_scale)
+  )
   assert float(jnp.exp(ll).sum()) == pytest.approx(1.0, abs=1e-5)
   assert np.all(np.asarray(ll) <= 0)
 
@@ -525,8 +577,9 @@ def test_discretized_log_likelihood_parity():
   log_scales = rng.uniform(-6.5, -5.0, x.shape).astype(np.float32)
   means = (x + 1.5 * np.exp(log_scales) * rng.uniform(-1, 1, x.shape)).astype(np.float32)
   ours = D.discretized_gaussian_log_likelihood(x, means, log_scales)
-  ref = gd_losses.discretized_gaussian_log_likelihood(nchw(x), means=nchw(means),
-                                                      log_scales=nchw(log_scales))
+  ref = gd_losses.discretized_gaussian_log_likelihood(
+      nchw(x), means=nchw(means), log_scales=nchw(log_scales)
+  )
   assert_close(ours, nhwc(ref), what="discretized ll")
 
 

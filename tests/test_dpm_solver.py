@@ -11,8 +11,12 @@ import pytest
 
 from adv_diffusion.diffusion import GaussianDiffusion
 from sampling.ddim import diffusion_from_timesteps, sample_ddim
-from sampling.dpm_solver import (DiscreteVPSchedule, dpm_solver_nfe, dpm_solver_tableau,
-                                 sample_dpm_solver)
+from sampling.dpm_solver import (
+    DiscreteVPSchedule,
+    dpm_solver_nfe,
+    dpm_solver_tableau,
+    sample_dpm_solver,
+)
 from tests.gaussian_problem import SHAPE, T, Gaussian, assert_one_sentence, max_err, slope
 
 # ------------------------------------------------------------------- closed-form convergence
@@ -22,11 +26,16 @@ from tests.gaussian_problem import SHAPE, T, Gaussian, assert_one_sentence, max_
 LADDERS = {1: [10, 20, 40], 2: [40, 80, 160], 3: [40, 80, 160]}
 SINGLESTEP3 = [161, 320, 641]  # NFE = 2 mod 3: DPM-Solver-fast ends with an order-2 step
 CONVERGENCE = [
-    ("noise", "multistep", 1), ("data", "multistep", 1),
-    ("noise", "multistep", 2), ("data", "multistep", 2),
-    ("noise", "singlestep", 2), ("data", "singlestep", 2),
-    ("noise", "multistep", 3), ("data", "multistep", 3),
-    ("noise", "singlestep", 3), ("data", "singlestep", 3),
+    ("noise", "multistep", 1),
+    ("data", "multistep", 1),
+    ("noise", "multistep", 2),
+    ("data", "multistep", 2),
+    ("noise", "singlestep", 2),
+    ("data", "singlestep", 2),
+    ("noise", "multistep", 3),
+    ("data", "multistep", 3),
+    ("noise", "singlestep", 3),
+    ("data", "singlestep", 3),
 ]
 
 
@@ -35,13 +44,22 @@ def test_dpm_solver_converges_at_its_order(predictor, method, order):
   with jax.enable_x64(True):
     g = Gaussian("cosine", jnp.float64)
     schedule = DiscreteVPSchedule.create("cosine", T)
-    target = g.exact(g.x_t, schedule.marginal_alpha(1.0) ** 2,
-                     schedule.marginal_alpha(1.0 / T) ** 2)
+    target = g.exact(
+        g.x_t, schedule.marginal_alpha(1.0) ** 2, schedule.marginal_alpha(1.0 / T) ** 2
+    )
     nfes = SINGLESTEP3 if (method, order) == ("singlestep", 3) else LADDERS[order]
     errs = []
     for n in nfes:
-      out, nfe = sample_dpm_solver(g.model_fn, jnp.asarray(g.x_t), schedule, n, order=order,
-                                   method=method, predictor=predictor, lower_order_final=False)
+      out, nfe = sample_dpm_solver(
+          g.model_fn,
+          jnp.asarray(g.x_t),
+          schedule,
+          n,
+          order=order,
+          method=method,
+          predictor=predictor,
+          lower_order_final=False,
+      )
       assert nfe == n
       errs.append(max_err(out, target))
   assert errs[-1] < errs[0]
@@ -52,12 +70,25 @@ def test_reference_multistep3_coefficient_is_only_second_order():
   with jax.enable_x64(True):
     g = Gaussian("cosine", jnp.float64)
     schedule = DiscreteVPSchedule.create("cosine", T)
-    target = g.exact(g.x_t, schedule.marginal_alpha(1.0) ** 2,
-                     schedule.marginal_alpha(1.0 / T) ** 2)
-    errs = [max_err(sample_dpm_solver(g.model_fn, jnp.asarray(g.x_t), schedule, n, order=3,
-                                      method="multistep", lower_order_final=False,
-                                      multistep3_like_reference=True)[0], target)
-            for n in (80, 160, 320)]
+    target = g.exact(
+        g.x_t, schedule.marginal_alpha(1.0) ** 2, schedule.marginal_alpha(1.0 / T) ** 2
+    )
+    errs = [
+        max_err(
+            sample_dpm_solver(
+                g.model_fn,
+                jnp.asarray(g.x_t),
+                schedule,
+                n,
+                order=3,
+                method="multistep",
+                lower_order_final=False,
+                multistep3_like_reference=True,
+            )[0],
+            target,
+        )
+        for n in (80, 160, 320)
+    ]
   assert 1.7 < slope([80, 160, 320], errs) < 2.3
 
 
@@ -70,10 +101,20 @@ def test_clipped_dpm_solver_pp_1_equals_clipped_ddim():
     model_fn = lambda x, tau: 1.1 * g.model_fn(x, tau)  # noqa: E731
     d = diffusion_from_timesteps("cosine", T, list(range(0, T, 111)))
     ddim = sample_ddim(model_fn, x, d, clip_denoised=True)[0]
-    dpm = {clip: sample_dpm_solver(model_fn, x, DiscreteVPSchedule.create("cosine", T), 9,
-                                   order=1, skip_type="time_uniform", predictor="data",
-                                   denoise_to_zero=True, clip_denoised=clip)[0]
-           for clip in (False, True)}
+    dpm = {
+        clip: sample_dpm_solver(
+            model_fn,
+            x,
+            DiscreteVPSchedule.create("cosine", T),
+            9,
+            order=1,
+            skip_type="time_uniform",
+            predictor="data",
+            denoise_to_zero=True,
+            clip_denoised=clip,
+        )[0]
+        for clip in (False, True)
+    }
   assert max_err(ddim, dpm[True]) <= 1e-9
   assert float(jnp.max(jnp.abs(dpm[False]))) > 10.0  # unclipped: the 1/α_t blow-up
   assert float(jnp.max(jnp.abs(dpm[True]))) <= 1.0
@@ -93,8 +134,9 @@ def test_reference_truncated_cosine_schedule():
   np.testing.assert_allclose(full.inverse_lambda(lam), [0.2, 0.5, 0.9], atol=1e-12)
   # Grid points carry ᾱ exactly: t = 1 is ᾱ_999, t = 0.5 is ᾱ_499.
   abar = GaussianDiffusion.create("cosine", T).alphas_cumprod
-  np.testing.assert_allclose(full.marginal_alpha(np.array([1.0, 0.5])) ** 2, abar[[999, 499]],
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+      full.marginal_alpha(np.array([1.0, 0.5])) ** 2, abar[[999, 499]], rtol=1e-12
+  )
 
 
 def test_dpm_solver_nfe_function_and_tableau_agree():
@@ -103,8 +145,7 @@ def test_dpm_solver_nfe_function_and_tableau_agree():
     for method in ("singlestep", "multistep"):
       for steps in range(order, 13):
         for dz in (False, True):
-          tab = dpm_solver_tableau(schedule, steps, order=order, method=method,
-                                   denoise_to_zero=dz)
+          tab = dpm_solver_tableau(schedule, steps, order=order, method=method, denoise_to_zero=dz)
           assert tab.nfe == dpm_solver_nfe(steps, order, method, dz) == steps + dz
           if method == "singlestep":  # DPM-Solver-fast: 3 calls at order 3 are [2, 1]
             assert sum(tab.step_orders) == steps
@@ -116,12 +157,21 @@ def test_dpm_solver_nfe_function_and_tableau_agree():
 # ------------------------------------------------------------------------------ validation
 
 
-@pytest.mark.parametrize("call,words", [
-    (lambda: sample_dpm_solver(None, jnp.zeros(SHAPE), DiscreteVPSchedule.create("cosine", T),
-                               10, predictor="v"), ["'v'"]),
-    (lambda: DiscreteVPSchedule.from_diffusion(GaussianDiffusion.create("cosine", T, "10")),
-     ["respaced"]),
-])
+@pytest.mark.parametrize(
+    "call,words",
+    [
+        (
+            lambda: sample_dpm_solver(
+                None, jnp.zeros(SHAPE), DiscreteVPSchedule.create("cosine", T), 10, predictor="v"
+            ),
+            ["'v'"],
+        ),
+        (
+            lambda: DiscreteVPSchedule.from_diffusion(GaussianDiffusion.create("cosine", T, "10")),
+            ["respaced"],
+        ),
+    ],
+)
 def test_bad_settings_raise_one_sentence(call, words):
   with pytest.raises(ValueError) as excinfo:
     call()

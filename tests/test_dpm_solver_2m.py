@@ -55,8 +55,11 @@ def tanh_model(schedule: str, seed: int = 1):
   def model_fn(x: jax.Array, tau: jax.Array) -> jax.Array:
     log_alpha = _log_alpha(schedule, tau).astype(x.dtype)
     dt = x.dtype
-    x0 = 1.5 * jnp.tanh(x @ jnp.asarray(w, dt) + jnp.asarray(b, dt)
-                        + jnp.asarray(k, dt) * (tau / T).astype(dt)[:, None, None, None])
+    x0 = 1.5 * jnp.tanh(
+        x @ jnp.asarray(w, dt)
+        + jnp.asarray(b, dt)
+        + jnp.asarray(k, dt) * (tau / T).astype(dt)[:, None, None, None]
+    )
     eps = (x - jnp.exp(log_alpha) * x0) / jnp.sqrt(-jnp.expm1(2 * log_alpha))  # x_t = αx_0 + σε
     return jnp.concatenate([eps, -eps], axis=-1)
 
@@ -72,8 +75,11 @@ def run_both(model: str, steps: int, schedule: str, dtype=jnp.float32, **kw):
   noise = jax.random.normal(jax.random.key(steps), SHAPE, dtype)
   schedule = DiscreteVPSchedule.create(schedule, T)
   ours, nfe = jax.jit(lambda z: sample_dpm_solver_2m(model_fn, z, schedule, steps, **kw))(noise)
-  ref = jax.jit(lambda z: sample_dpm_solver(model_fn, z, schedule, steps, order=2,
-                                            method="multistep", predictor="data", **kw)[0])(noise)
+  ref = jax.jit(
+      lambda z: sample_dpm_solver(
+          model_fn, z, schedule, steps, order=2, method="multistep", predictor="data", **kw
+      )[0]
+  )(noise)
   assert ours.dtype == ref.dtype == dtype and ours.shape == SHAPE
   return np.asarray(ours, np.float64), np.asarray(ref, np.float64), nfe
 
@@ -96,16 +102,18 @@ def test_matches_engine_float64(steps):
   assert float(np.max(np.abs(ours - ref))) <= 1e-12
 
 
-@pytest.mark.parametrize("steps,kw", [
-    (6, dict(skip_type="time_uniform")),
-    (7, dict(skip_type="time_quadratic", t_start=0.9, t_end=0.01)),
-    (5, dict(lower_order_final=False)),
-    (12, dict(lower_order_final_below=None)),  # lowered final steps even for steps >= 10
-])
+@pytest.mark.parametrize(
+    "steps,kw",
+    [
+        (6, dict(skip_type="time_uniform")),
+        (7, dict(skip_type="time_quadratic", t_start=0.9, t_end=0.01)),
+        (5, dict(lower_order_final=False)),
+        (12, dict(lower_order_final_below=None)),  # lowered final steps even for steps >= 10
+    ],
+)
 def test_matches_engine_options(steps, kw):
   """Same agreement for the other time grids and lower-order-final settings (linear betas)."""
-  ours, ref, _ = run_both("tanh", steps, "linear",
-                          clip_denoised=True, **kw)
+  ours, ref, _ = run_both("tanh", steps, "linear", clip_denoised=True, **kw)
   assert float(np.max(np.abs(ours - ref))) <= ATOL
 
 
@@ -123,6 +131,7 @@ def test_nfe_equals_steps(steps):
   tab = dpm_solver_tableau(schedule, steps, order=2, method="multistep", predictor="data")
   assert nfe == steps == len(calls) == tab.nfe
   assert all(t.shape == (SHAPE[0],) and t.dtype == jnp.float32 for t in calls)
-  np.testing.assert_array_equal(np.stack([np.asarray(t) for t in calls]),
-                                np.repeat(tab.model_times.astype(np.float32)[:, None],
-                                          SHAPE[0], axis=1))
+  np.testing.assert_array_equal(
+      np.stack([np.asarray(t) for t in calls]),
+      np.repeat(tab.model_times.astype(np.float32)[:, None], SHAPE[0], axis=1),
+  )

@@ -62,7 +62,7 @@ def torch_net(torchscript_path):
 
 def _digits(n: int, offset: int = 0) -> np.ndarray:
   """n scikit-learn digits as uint8 16x16x1 (8x8 upsampled by 2, as the embedded dataset)."""
-  d = load_digits().images[offset:offset + n] / 16.0
+  d = load_digits().images[offset : offset + n] / 16.0
   d = np.kron(d, np.ones((1, 2, 2)))
   return np.clip(np.round(d * 255), 0, 255).astype(np.uint8)[..., None]
 
@@ -70,7 +70,7 @@ def _digits(n: int, offset: int = 0) -> np.ndarray:
 def _colour_set(n: int, offset: int, noise: float, seed: int) -> np.ndarray:
   """n RGB 32x32 uint8 images: tinted digits on a coloured ramp plus noise."""
   rng = np.random.default_rng(seed)
-  d = np.kron(load_digits().images[offset:offset + n] / 16.0, np.ones((1, 4, 4)))[..., None]
+  d = np.kron(load_digits().images[offset : offset + n] / 16.0, np.ones((1, 4, 4)))[..., None]
   tint = rng.uniform(0.3, 1.0, (n, 1, 1, 3))
   ramp = np.linspace(0, 0.4, 32)[None, :, None, None] * rng.uniform(0, 1, (n, 1, 1, 3))
   x = d * tint + (1 - d) * ramp + noise * rng.standard_normal((n, 32, 32, 3))
@@ -83,7 +83,7 @@ def image_sets():
 
 
 def _torch_pool(net, x_nchw: torch.Tensor, batch: int = 10) -> np.ndarray:
-  return np.concatenate([net(x_nchw[i:i + batch]).numpy() for i in range(0, len(x_nchw), batch)])
+  return np.concatenate([net(x_nchw[i : i + batch]).numpy() for i in range(0, len(x_nchw), batch)])
 
 
 def _pytorch_fid_inputs(images: np.ndarray) -> torch.Tensor:
@@ -97,8 +97,9 @@ def _pytorch_fid_inputs(images: np.ndarray) -> torch.Tensor:
 def pipeline_features(image_sets, weights, torch_net):
   """Pool features of X and Y from our pipeline and from the torch reference pipeline."""
   both = np.concatenate(image_sets)
-  ours = features.extract_features(both, weights, batch_size=10,
-                                   resize_rule="pytorch_bilinear", progress=False)
+  ours = features.extract_features(
+      both, weights, batch_size=10, resize_rule="pytorch_bilinear", progress=False
+  )
   reference = _torch_pool(torch_net, _pytorch_fid_inputs(both))
   return ours, reference
 
@@ -124,8 +125,21 @@ def test_pool_and_spatial_features_match_torchscript(weights, torch_net, image_s
   x = _pytorch_fid_inputs(image_sets[1][:4])
   layers = torch_net.net.layers
   h = x
-  for name in ["conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1", "mixed",
-               "mixed_1", "mixed_2", "mixed_3", "mixed_4", "mixed_5"]:
+  for name in [
+      "conv",
+      "conv_1",
+      "conv_2",
+      "pool0",
+      "conv_3",
+      "conv_4",
+      "pool1",
+      "mixed",
+      "mixed_1",
+      "mixed_2",
+      "mixed_3",
+      "mixed_4",
+      "mixed_5",
+  ]:
     h = getattr(layers, name)(h)
   ref_spatial = layers.mixed_6.conv(h)[:, :7].permute(0, 2, 3, 1).reshape(4, -1).numpy()
   for name in ["mixed_6", "mixed_7", "mixed_8", "mixed_9", "mixed_10", "pool2"]:
@@ -134,7 +148,8 @@ def test_pool_and_spatial_features_match_torchscript(weights, torch_net, image_s
 
   model = inception.InceptionV3()
   out = jax.jit(lambda p, v: model.apply({"params": p}, v))(
-      weights.params, x.permute(0, 2, 3, 1).numpy())
+      weights.params, x.permute(0, 2, 3, 1).numpy()
+  )
   pool, spatial = np.asarray(out["pool"]), np.asarray(out["spatial"])
   assert pool.shape == (4, 2048) and spatial.shape == (4, 2023)
   pool_err = np.abs(pool - ref_pool).max() / np.abs(ref_pool).max()
@@ -177,8 +192,9 @@ def test_pytorch_fid_state_dict_converts_with_logits(torch_net, weights_path, tm
   images = _digits(3)
   feats = features.extract_features(images, with_fc, batch_size=3, progress=False)
   # Unbiased logits (improved-gan / ADM Inception Score): pool @ fc.weight.T.
-  np.testing.assert_allclose(feats["logits"], feats["pool"] @ state["fc.weight"].numpy().T,
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+      feats["logits"], feats["pool"] @ state["fc.weight"].numpy().T, rtol=1e-4, atol=1e-4
+  )
   mean, std = inception_score.inception_score(feats["logits"], splits=1)
   assert mean >= 1.0 and std == 0.0
 
@@ -217,10 +233,14 @@ def _tf1_resize_loops(img: np.ndarray, out: int) -> np.ndarray:
   res = np.zeros((out, out, c), np.float64)
   for i in range(out):
     y = float(np.float32(i) * (np.float32(h) / np.float32(out)))
-    y0 = int(np.floor(y)); y1 = min(y0 + 1, h - 1); fy = y - y0
+    y0 = int(np.floor(y))
+    y1 = min(y0 + 1, h - 1)
+    fy = y - y0
     for j in range(out):
       x = float(np.float32(j) * (np.float32(w) / np.float32(out)))
-      x0 = int(np.floor(x)); x1 = min(x0 + 1, w - 1); fx = x - x0
+      x0 = int(np.floor(x))
+      x1 = min(x0 + 1, w - 1)
+      fx = x - x0
       top = img[y0, x0] + (img[y0, x1] - img[y0, x0]) * fx
       bottom = img[y1, x0] + (img[y1, x1] - img[y1, x0]) * fx
       res[i, j] = top + (bottom - top) * fy
@@ -239,8 +259,12 @@ def _half_pixel_resize_gather(img: np.ndarray, out_h: int, out_w: int) -> np.nda
 
   y0, y1, fy = taps(h, out_h)
   x0, x1, fx = taps(w, out_w)
-  a = img[y0][:, x0]; b = img[y0][:, x1]; c = img[y1][:, x0]; d = img[y1][:, x1]
-  fx = fx[None, :, None]; fy = fy[:, None, None]
+  a = img[y0][:, x0]
+  b = img[y0][:, x1]
+  c = img[y1][:, x0]
+  d = img[y1][:, x1]
+  fx = fx[None, :, None]
+  fy = fy[:, None, None]
   return (a * (1 - fx) + b * fx) * (1 - fy) + (c * (1 - fx) + d * fx) * fy
 
 
@@ -262,10 +286,12 @@ def test_resize_rules_match_independent_implementations(size):
   tf1 = np.asarray(preprocess.resize(x, 299, "tf1_bilinear"))
   pt = np.asarray(preprocess.resize(x, 299, "pytorch_bilinear"))
   for k in range(2):
-    np.testing.assert_allclose(tf1[k], _tf1_resize_loops(images[k].astype(np.float64), 299),
-                               atol=2e-3)
-    np.testing.assert_allclose(pt[k], _half_pixel_resize_gather(images[k].astype(np.float64),
-                                                                299, 299), atol=2e-3)
+    np.testing.assert_allclose(
+        tf1[k], _tf1_resize_loops(images[k].astype(np.float64), 299), atol=2e-3
+    )
+    np.testing.assert_allclose(
+        pt[k], _half_pixel_resize_gather(images[k].astype(np.float64), 299, 299), atol=2e-3
+    )
   nchw = torch.from_numpy(x).permute(0, 3, 1, 2)
   torch_pt = F.interpolate(nchw, size=(299, 299), mode="bilinear", align_corners=False)
   np.testing.assert_allclose(pt, torch_pt.permute(0, 2, 3, 1).numpy(), atol=2e-3)
@@ -278,13 +304,20 @@ def test_resize_non_square_and_downscale():
   rng = np.random.default_rng(3)
   img = rng.integers(0, 256, (1, 24, 40, 1), dtype=np.uint8).astype(np.float32)
   out = np.asarray(preprocess.resize(img, 299, "pytorch_bilinear"))
-  ref = F.interpolate(torch.from_numpy(img).permute(0, 3, 1, 2), size=(299, 299),
-                      mode="bilinear", align_corners=False).permute(0, 2, 3, 1).numpy()
+  ref = (
+      F.interpolate(
+          torch.from_numpy(img).permute(0, 3, 1, 2),
+          size=(299, 299),
+          mode="bilinear",
+          align_corners=False,
+      )
+      .permute(0, 2, 3, 1)
+      .numpy()
+  )
   np.testing.assert_allclose(out, ref, atol=2e-3)
   big = rng.integers(0, 256, (1, 512, 512, 1), dtype=np.uint8).astype(np.float32)
   down = np.asarray(preprocess.resize(big, 299, "tf1_bilinear"))
-  np.testing.assert_allclose(down[0], _tf1_resize_loops(big[0].astype(np.float64), 299),
-                             atol=2e-3)
+  np.testing.assert_allclose(down[0], _tf1_resize_loops(big[0].astype(np.float64), 299), atol=2e-3)
 
 
 def test_preprocess_scaling_follows_each_reference():
@@ -311,6 +344,7 @@ def test_preprocess_scaling_follows_each_reference():
 def _pytorch_fid_frechet(mu1, sigma1, mu2, sigma2, eps=1e-6):
   """pytorch-fid 0.3.0 fid_score.calculate_frechet_distance, transcribed."""
   from scipy import linalg
+
   diff = mu1 - mu2
   covmean = linalg.sqrtm(sigma1.dot(sigma2))
   if not np.isfinite(covmean).all():
@@ -342,17 +376,21 @@ def test_fid_matches_reference_pipeline(pipeline_features):
   which makes the 0.1 % comparison test both the features and our full-size sqrtm path."""
   ours, reference = pipeline_features
   feature_err = np.abs(ours["pool"] - reference).max() / np.abs(reference).max()
-  rx, ry = _project_to_joint_span(reference[:10].astype(np.float64),
-                                  reference[10:].astype(np.float64))
-  fid_ref = _pytorch_fid_frechet(rx.mean(0), np.cov(rx, rowvar=False), ry.mean(0),
-                                 np.cov(ry, rowvar=False))
+  rx, ry = _project_to_joint_span(
+      reference[:10].astype(np.float64), reference[10:].astype(np.float64)
+  )
+  fid_ref = _pytorch_fid_frechet(
+      rx.mean(0), np.cov(rx, rowvar=False), ry.mean(0), np.cov(ry, rowvar=False)
+  )
   sx = fid.compute_statistics(ours["pool"][:10], batch_size=3)
   sy = fid.compute_statistics(ours["pool"][10:], batch_size=4)
   fid_ours = fid.fid_from_statistics(sx, sy)  # Default "sqrtm" on the full 2048-d statistics.
   fid_eigh = fid.fid_from_statistics(sx, sy, method="eigh")
   rel = abs(fid_ours - fid_ref) / fid_ref
-  print(f"end-to-end pool rel err {feature_err:.2e}; FID ours {fid_ours:.6f} (eigh "
-        f"{fid_eigh:.6f}) reference {fid_ref:.6f}, rel diff {rel:.2e}")
+  print(
+      f"end-to-end pool rel err {feature_err:.2e}; FID ours {fid_ours:.6f} (eigh "
+      f"{fid_eigh:.6f}) reference {fid_ref:.6f}, rel diff {rel:.2e}"
+  )
   assert feature_err <= 1e-4
   assert fid_ref > 1.0 and rel <= 1e-3
   assert abs(fid_eigh - fid_ref) / fid_ref <= 1e-3
@@ -386,15 +424,19 @@ def test_frechet_distance_closed_forms():
   q, _ = np.linalg.qr(rng.standard_normal((d, d)))
   s1, s2 = (q * a) @ q.T, (q * b) @ q.T
   for method in fid.FRECHET_METHODS:
-    np.testing.assert_allclose(fid.frechet_distance(mu1, s1, mu2, s2, method=method), exact,
-                               rtol=1e-9)
+    np.testing.assert_allclose(
+        fid.frechet_distance(mu1, s1, mu2, s2, method=method), exact, rtol=1e-9
+    )
   # Scalar case: (m1 - m2)^2 + (s1 - s2)^2 for standard deviations s.
   np.testing.assert_allclose(fid.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]), 4 + 1)
   # General (non-commuting) covariances: both methods agree.
   g1, g2 = rng.standard_normal((d, 2 * d)), rng.standard_normal((d, 2 * d))
   s1, s2 = g1 @ g1.T / d, g2 @ g2.T / d
-  np.testing.assert_allclose(fid.frechet_distance(mu1, s1, mu2, s2),
-                             fid.frechet_distance(mu1, s1, mu2, s2, method="eigh"), rtol=1e-9)
+  np.testing.assert_allclose(
+      fid.frechet_distance(mu1, s1, mu2, s2),
+      fid.frechet_distance(mu1, s1, mu2, s2, method="eigh"),
+      rtol=1e-9,
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,7 +452,7 @@ def test_streaming_statistics_equal_numpy(splits):
   state = fid.init_moments(16)
   start = 0
   for n in splits:
-    state = fid.update_moments(state, x[start:start + n])
+    state = fid.update_moments(state, x[start : start + n])
     start += n
   stats = fid.statistics_from_moments(state)
   assert stats.count == 103
@@ -440,12 +482,27 @@ def test_features_and_statistics_same_on_1_and_8_devices(weights, weights_path, 
   one = features.extract_features(images, weights, batch_size=8, progress=False)
   assert one["pool"].shape == (10, 2048) and one["spatial"].shape == (10, 2023)
   np.save(tmp_path / "images.npy", images)
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      PYTHONPATH=REPO,
+      XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  )
   result = subprocess.run(
-      [sys.executable, "-c", _MULTI_DEVICE_SCRIPT, str(tmp_path / "images.npy"), weights_path,
-       str(tmp_path / "eight.npz")], env=env, cwd=REPO, capture_output=True, text=True,
-      timeout=600)
+      [
+          sys.executable,
+          "-c",
+          _MULTI_DEVICE_SCRIPT,
+          str(tmp_path / "images.npy"),
+          weights_path,
+          str(tmp_path / "eight.npz"),
+      ],
+      env=env,
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert json.loads(result.stdout.strip().splitlines()[-1]) == {"devices": 8}
   eight = np.load(tmp_path / "eight.npz")
@@ -495,8 +552,15 @@ def test_evaluate_from_an_adm_reference_batch(weights, tmp_path):
   reference = metrics.load_reference(ref_path, weights, batch_size=8, progress=False)
   assert reference.pool_features.shape == (10, 2048)
   assert reference.provenance["reference_sha256"] == inception.file_sha256(ref_path)
-  result = metrics.evaluate(images, reference, weights, batch_size=8, progress=False,
-                            fid_method="eigh", provenance={"checkpoint_step": 7})
+  result = metrics.evaluate(
+      images,
+      reference,
+      weights,
+      batch_size=8,
+      progress=False,
+      fid_method="eigh",
+      provenance={"checkpoint_step": 7},
+  )
   assert abs(result["fid"]) < 1e-5 * np.trace(reference.pool.sigma)
   assert abs(result["sfid"]) < 1e-5 * np.trace(reference.spatial.sigma)
   assert (result["precision"], result["recall"]) == (1.0, 1.0)
@@ -523,34 +587,49 @@ def _one_sentence(msg: str) -> bool:
 _GOOD = np.zeros((4, 8, 8, 3), np.uint8)
 
 
-@pytest.mark.parametrize("images,match", [
-    (_GOOD.astype(np.float32), "dtype uint8"),
-    (np.full((4, 8, 8, 3), np.nan, np.float32), "NaN"),
-    (_GOOD.astype(np.int64), "dtype uint8"),
-    (np.zeros((8, 8, 3), np.uint8), "rank 4"),
-    (np.zeros((4, 8, 8, 4), np.uint8), "1 or 3 channels"),
-    (np.zeros((4, 3, 8, 8), np.uint8), "looks like NCHW"),
-    (np.zeros((1, 8, 8, 3), np.uint8), "at least 2"),
-    (np.zeros((4, 0, 8, 3), np.uint8), "positive height"),
-])
+@pytest.mark.parametrize(
+    "images,match",
+    [
+        (_GOOD.astype(np.float32), "dtype uint8"),
+        (np.full((4, 8, 8, 3), np.nan, np.float32), "NaN"),
+        (_GOOD.astype(np.int64), "dtype uint8"),
+        (np.zeros((8, 8, 3), np.uint8), "rank 4"),
+        (np.zeros((4, 8, 8, 4), np.uint8), "1 or 3 channels"),
+        (np.zeros((4, 3, 8, 8), np.uint8), "looks like NCHW"),
+        (np.zeros((1, 8, 8, 3), np.uint8), "at least 2"),
+        (np.zeros((4, 0, 8, 3), np.uint8), "positive height"),
+    ],
+)
 def test_bad_images_raise_one_sentence(images, match, weights):
   with pytest.raises(EvaluationError, match=match) as e:
     metrics.image_statistics(images, weights, progress=False)
   assert _one_sentence(str(e.value)), str(e.value)
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4)),
-     "different dimensions"),
-    (lambda: fid.frechet_distance(np.zeros(3), np.eye(4), np.zeros(3), np.eye(3)), "sigma"),
-    (lambda: fid.frechet_distance(np.full(3, np.nan), np.eye(3), np.zeros(3), np.eye(3)), "NaN"),
-    (lambda: fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(3), method="x"),
-     "method"),
-    (lambda: fid.compute_statistics(np.zeros((1, 5))), "at least 2"),
-    (lambda: fid.update_moments(fid.init_moments(4), np.zeros((3, 5))), "dimensions"),
-    (lambda: fid.compute_statistics(np.full((3, 2), np.inf)), "NaN or infinite"),
-    (lambda: preprocess.check_resize_rule("bicubic"), "resize_rule"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (
+            lambda: fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4)),
+            "different dimensions",
+        ),
+        (lambda: fid.frechet_distance(np.zeros(3), np.eye(4), np.zeros(3), np.eye(3)), "sigma"),
+        (
+            lambda: fid.frechet_distance(np.full(3, np.nan), np.eye(3), np.zeros(3), np.eye(3)),
+            "NaN",
+        ),
+        (
+            lambda: fid.frechet_distance(
+                np.zeros(3), np.eye(3), np.zeros(3), np.eye(3), method="x"
+            ),
+            "method",
+        ),
+        (lambda: fid.compute_statistics(np.zeros((1, 5))), "at least 2"),
+        (lambda: fid.update_moments(fid.init_moments(4), np.zeros((3, 5))), "dimensions"),
+        (lambda: fid.compute_statistics(np.full((3, 2), np.inf)), "NaN or infinite"),
+        (lambda: preprocess.check_resize_rule("bicubic"), "resize_rule"),
+    ],
+)
 def test_bad_statistics_raise_one_sentence(call, match):
   with pytest.raises(EvaluationError, match=match) as e:
     call()

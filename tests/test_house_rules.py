@@ -16,8 +16,22 @@ PROJECT = set(ORDER) | set(TOP) | {"configs", "tests"}
 WRITERS = {"evaluation/convert_inception.py", "evaluation/convert_lpips.py"}
 # Allowed over 400 lines: the UNet layers and DPM-Solver's tableau engine.
 LONG = {"adv_diffusion/nets/layers.py", "sampling/dpm_solver.py"}
-WRITE_CALLS = {"savez", "savez_compressed", "save", "makedirs", "mkdir", "replace", "rename",
-               "dump", "write", "write_text", "write_bytes", "rmtree", "remove", "unlink"}
+WRITE_CALLS = {
+    "savez",
+    "savez_compressed",
+    "save",
+    "makedirs",
+    "mkdir",
+    "replace",
+    "rename",
+    "dump",
+    "write",
+    "write_text",
+    "write_bytes",
+    "rmtree",
+    "remove",
+    "unlink",
+}
 
 
 def _modules(packages) -> list[pathlib.Path]:
@@ -46,7 +60,7 @@ def _upward_imports() -> list[str]:
   bad = []
   for path in _modules(ORDER):
     package = _rel(path).split("/")[0]
-    allowed = set(ORDER[:ORDER.index(package) + 1])
+    allowed = set(ORDER[: ORDER.index(package) + 1])
     for imported in _imported_packages(ast.parse(path.read_text())) - allowed:
       bad.append(f"{_rel(path)} imports {imported}")
   return bad
@@ -108,8 +122,9 @@ def test_modules_stay_small(path):
 def test_public_library_functions_are_typed_and_documented(path):
   missing = []
   tree = ast.parse(path.read_text())
-  scopes = [tree] + [n for n in tree.body if isinstance(n, ast.ClassDef)
-                     and not n.name.startswith("_")]
+  scopes = [tree] + [
+      n for n in tree.body if isinstance(n, ast.ClassDef) and not n.name.startswith("_")
+  ]
   for scope in scopes:
     for node in scope.body:
       if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -120,7 +135,9 @@ def test_public_library_functions_are_typed_and_documented(path):
       untyped = [a.arg for a in args if a.annotation is None]
       is_property = any(getattr(d, "id", "") == "property" for d in node.decorator_list)
       if untyped or (node.returns is None and not is_property) or not ast.get_docstring(node):
-        missing.append(f"{node.name}: untyped {untyped}, returns "
-                       f"{'ok' if node.returns or is_property else 'missing'}, docstring "
-                       f"{'ok' if ast.get_docstring(node) else 'missing'}")
+        missing.append(
+            f"{node.name}: untyped {untyped}, returns "
+            f"{'ok' if node.returns or is_property else 'missing'}, docstring "
+            f"{'ok' if ast.get_docstring(node) else 'missing'}"
+        )
   assert missing == []

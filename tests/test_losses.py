@@ -50,16 +50,22 @@ def _tiny_setup():
   # Randomise ADM's zero-initialised output layers, else ∂L/∂δ is exactly zero.
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(treedef, [p + 0.05 * jax.random.normal(k, p.shape)
-                                        for p, k in zip(leaves, keys)])
+  params = jax.tree.unflatten(
+      treedef, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+  )
   rng = np.random.default_rng(0)
   x0 = jnp.asarray(rng.uniform(-1, 1, (4, 16, 16, 1)), jnp.float32)
   t = jnp.asarray([3, 150, 500, 850])
   eps = jnp.asarray(rng.normal(size=x0.shape), jnp.float32)
   inputs = losses.MinibatchInputs(
-      x_start=x0, x_t=diffusion.q_sample(x0, t, eps), t=t, noise=eps,
+      x_start=x0,
+      x_t=diffusion.q_sample(x0, t, eps),
+      t=t,
+      noise=eps,
       weights=jnp.asarray([0.5, 1.0, 1.5, 1.0]),
-      sigma=jnp.asarray(diffusion.sqrt_one_minus_alphas_cumprod, jnp.float32)[t], labels=None)
+      sigma=jnp.asarray(diffusion.sqrt_one_minus_alphas_cumprod, jnp.float32)[t],
+      labels=None,
+  )
 
   def apply_fn(p, x, ts, labels, key):
     return model.apply({"params": p}, x, ts, labels, train=False)
@@ -68,17 +74,24 @@ def _tiny_setup():
 
 
 def _loss(target_type, params, delta, inputs, diffusion, apply_fn):
-  return losses.diffusion_loss(params, delta, inputs, jax.random.key(0), apply_fn=apply_fn,
-                               diffusion=diffusion, learn_sigma=True, loss_type="rescaled_mse",
-                               target_type=target_type)[0]
+  return losses.diffusion_loss(
+      params,
+      delta,
+      inputs,
+      jax.random.key(0),
+      apply_fn=apply_fn,
+      diffusion=diffusion,
+      learn_sigma=True,
+      loss_type="rescaled_mse",
+      target_type=target_type,
+  )[0]
 
 
 @pytest.mark.parametrize("target_type", ["delta_detach", "delta"])
 def test_delta_gradient_matches_finite_differences(target_type):
   config, diffusion, params, inputs, apply_fn = _tiny_setup()
   delta0 = _random(inputs.x_t.shape, seed=9, scale=0.02)
-  grad_fn = jax.jit(jax.grad(lambda d: _loss(target_type, params, d, inputs, diffusion,
-                                             apply_fn)))
+  grad_fn = jax.jit(jax.grad(lambda d: _loss(target_type, params, d, inputs, diffusion, apply_fn)))
   grad = grad_fn(delta0)
 
   # The reference differentiates the network input only: the VLB term's x_t stays at the
@@ -90,19 +103,23 @@ def test_delta_gradient_matches_finite_differences(target_type):
 
   @jax.jit
   def reference(d):
-    target = losses.adversarial_target(inputs.noise, d if target_type == "delta" else delta0,
-                                       inputs.sigma, "delta")
+    target = losses.adversarial_target(
+        inputs.noise, d if target_type == "delta" else delta0, inputs.sigma, "delta"
+    )
     out = apply_fn(params, inputs.x_t + d, diffusion.model_timesteps(inputs.t), None, None)
     mixed = jnp.concatenate([out0[..., :channels], out[..., channels:]], axis=-1)
     kwargs = dict(learn_sigma=True, loss_type="rescaled_mse")
-    mse = diffusion.training_losses(out, inputs.x_start, inputs.x_t + delta0, inputs.t, target,
-                                    **kwargs)["mse"]
-    vb = diffusion.training_losses(mixed, inputs.x_start, inputs.x_t + delta0, inputs.t, target,
-                                   **kwargs)["vb"]
+    mse = diffusion.training_losses(
+        out, inputs.x_start, inputs.x_t + delta0, inputs.t, target, **kwargs
+    )["mse"]
+    vb = diffusion.training_losses(
+        mixed, inputs.x_start, inputs.x_t + delta0, inputs.t, target, **kwargs
+    )["vb"]
     return jnp.mean((mse + vb) * inputs.weights)
 
   assert float(reference(delta0)) == pytest.approx(
-      float(_loss(target_type, params, delta0, inputs, diffusion, apply_fn)), rel=1e-6)
+      float(_loss(target_type, params, delta0, inputs, diffusion, apply_fn)), rel=1e-6
+  )
   h = 1e-2
   for seed in range(3):
     v = adversarial.l2_normalize(_random(delta0.shape, seed=20 + seed))
@@ -111,8 +128,9 @@ def test_delta_gradient_matches_finite_differences(target_type):
     assert float(analytic) == pytest.approx(float(fd), rel=2e-2, abs=1e-6)
   # The two target types really differ (the check above can tell them apart).
   other_type = "delta" if target_type == "delta_detach" else "delta_detach"
-  other = jax.jit(jax.grad(lambda d: _loss(other_type, params, d, inputs, diffusion,
-                                           apply_fn)))(delta0)
+  other = jax.jit(jax.grad(lambda d: _loss(other_type, params, d, inputs, diffusion, apply_fn)))(
+      delta0
+  )
   assert float(jnp.linalg.norm(other - grad)) > 0.05 * float(jnp.linalg.norm(grad))
 
 
@@ -127,20 +145,34 @@ def test_first_l2_ascent_direction_is_the_analytic_worst_case_of_a_linear_predic
   x0 = rng.normal(size=(3, 2, 2, 3)) * 0.5
   eps = rng.normal(size=x0.shape)
   t = jnp.asarray([100, 400, 800])
-  x_t = np.asarray(diffusion.q_sample(jnp.asarray(x0, jnp.float32), t,
-                                      jnp.asarray(eps, jnp.float32)), np.float64)
+  x_t = np.asarray(
+      diffusion.q_sample(jnp.asarray(x0, jnp.float32), t, jnp.asarray(eps, jnp.float32)), np.float64
+  )
   inputs = losses.MinibatchInputs(
-      x_start=jnp.asarray(x0, jnp.float32), x_t=jnp.asarray(x_t, jnp.float32), t=t,
-      noise=jnp.asarray(eps, jnp.float32), weights=jnp.ones(3),
-      sigma=jnp.asarray(diffusion.sqrt_one_minus_alphas_cumprod, jnp.float32)[t], labels=None)
+      x_start=jnp.asarray(x0, jnp.float32),
+      x_t=jnp.asarray(x_t, jnp.float32),
+      t=t,
+      noise=jnp.asarray(eps, jnp.float32),
+      weights=jnp.ones(3),
+      sigma=jnp.asarray(diffusion.sqrt_one_minus_alphas_cumprod, jnp.float32)[t],
+      labels=None,
+  )
   a32 = jnp.asarray(a, jnp.float32)
 
   def apply_fn(p, x, ts, labels, key):
     return (x.reshape(x.shape[0], -1) @ a32.T).reshape(x.shape)
 
   def loss(delta):
-    return losses.diffusion_loss(None, delta, inputs, jax.random.key(0), apply_fn=apply_fn,
-                                 diffusion=diffusion, learn_sigma=False, loss_type="mse")[0]
+    return losses.diffusion_loss(
+        None,
+        delta,
+        inputs,
+        jax.random.key(0),
+        apply_fn=apply_fn,
+        diffusion=diffusion,
+        learn_sigma=False,
+        loss_type="mse",
+    )[0]
 
   zero = jnp.zeros(x0.shape, jnp.float32)
   step = adversarial.ascent_step(zero, jax.grad(loss)(zero), 1.0, 1e9, "l2")

@@ -39,8 +39,26 @@ def _vgg16_stub(torch):
   def vgg16(pretrained=False, weights=None, **kwargs):
     assert not pretrained and weights is None, "the test never loads ImageNet weights"
     layers, channels = [], 3
-    for v in [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
-              512, 512, 512, "M"]:
+    for v in [
+        64,
+        64,
+        "M",
+        128,
+        128,
+        "M",
+        256,
+        256,
+        256,
+        "M",
+        512,
+        512,
+        512,
+        "M",
+        512,
+        512,
+        512,
+        "M",
+    ]:
       if v == "M":
         layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
       else:
@@ -64,9 +82,9 @@ def reference(tmp_path_factory):
     mp.setitem(sys.modules, "torchvision", stub)
     mp.setitem(sys.modules, "torchvision.models", stub.models)
     import lpips
+
     torch.manual_seed(0)
-    model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, version="0.1",
-                        verbose=False)
+    model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, version="0.1", verbose=False)
   # torchvision VGG's own init (Kaiming-normal fan_out kernels, zero biases), redone here so
   # that the stub and torchvision give the same trunk. With it every tap weighs in (measured at
   # 32 px: 0.118, 0.035, 0.011, 0.0070, 0.0035); random biases large enough to matter make the
@@ -79,8 +97,9 @@ def reference(tmp_path_factory):
         torch.nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
         torch.nn.init.zeros_(module.bias)
   # lpips' `vgg16` keeps torchvision's indices inside slice1..slice5: slicek.N = features.N.
-  vgg_state = {f"features.{k.split('.', 1)[1]}": v.clone()
-               for k, v in model.net.state_dict().items()}
+  vgg_state = {
+      f"features.{k.split('.', 1)[1]}": v.clone() for k, v in model.net.state_dict().items()
+  }
   assert len(vgg_state) == 26
   vgg_state["classifier.0.weight"] = torch.zeros(4, 4)  # ignored, as in torchvision's file
   directory = tmp_path_factory.mktemp("lpips")
@@ -111,8 +130,9 @@ def test_matches_the_lpips_package(reference, size, resize):
   params = lpips_jax.load_lpips_params(path)
   a, b = _images(1, (3, size, size, 3)), _images(2, (3, size, size, 3))
   b[0] = np.clip(a[0] + 0.05 * b[0], -1, 1)  # one close pair, two unrelated ones
-  ours = np.asarray(jax.jit(lpips_jax.lpips_distance, static_argnames="resize")(
-      params, a, b, resize=resize))
+  ours = np.asarray(
+      jax.jit(lpips_jax.lpips_distance, static_argnames="resize")(params, a, b, resize=resize)
+  )
   theirs = _torch_lpips(model, a, b, resize)
   # Measured (CPU): max relative error 4.1e-7 (32 px), 4.6e-7 (64 px), 4.1e-7 (32 -> 64).
   assert np.all(theirs > 0) and theirs[0] < theirs[1]
@@ -126,8 +146,10 @@ def test_identity_nonnegativity_grey_and_size_limit(reference):
   assert float(jnp.max(jnp.abs(dist(params, a, a)))) <= 1e-6
   assert float(jnp.min(dist(params, a, b))) > 0
   g, h = a[..., :1], b[..., :1]
-  np.testing.assert_array_equal(dist(params, g, h, resize=24),
-                                dist(params, np.repeat(g, 3, -1), np.repeat(h, 3, -1), resize=24))
+  np.testing.assert_array_equal(
+      dist(params, g, h, resize=24),
+      dist(params, np.repeat(g, 3, -1), np.repeat(h, 3, -1), resize=24),
+  )
   with pytest.raises(ValueError, match="at least 16x16 pixels"):
     lpips_jax.lpips_distance(params, a[:, :8, :8], b[:, :8, :8])
   lpips_jax.lpips_distance(params, a[:, :8, :8], b[:, :8, :8], resize=16)  # upsampled: fine
@@ -138,9 +160,12 @@ def test_converter_maps_every_array(tmp_path, reference):
 
   model, _ = reference
   torch.manual_seed(1)
-  vgg = {k: torch.randn_like(v)
-         for k, v in torch.load(os.path.join(os.path.dirname(reference[1]),
-                                             lpips_jax.VGG16_FILE)).items()}
+  vgg = {
+      k: torch.randn_like(v)
+      for k, v in torch.load(
+          os.path.join(os.path.dirname(reference[1]), lpips_jax.VGG16_FILE)
+      ).items()
+  }
   torch.save(vgg, tmp_path / "vgg.pth")
   out, sha = convert_lpips.convert(str(tmp_path / "vgg.pth"), out=str(tmp_path / "w.npz"))
   assert sha == convert_lpips.file_sha256(out)
@@ -148,16 +173,19 @@ def test_converter_maps_every_array(tmp_path, reference):
   assert len(params) == 13 + 5
   for index in (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28):
     layer = params[f"features_{index}"]
-    np.testing.assert_array_equal(layer["kernel"],
-                                  vgg[f"features.{index}.weight"].numpy().transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        layer["kernel"], vgg[f"features.{index}.weight"].numpy().transpose(2, 3, 1, 0)
+    )
     np.testing.assert_array_equal(layer["bias"], vgg[f"features.{index}.bias"].numpy())
   for k, lin in enumerate(model.lins):
-    np.testing.assert_array_equal(params[f"lin{k}"],
-                                  lin.model[1].weight.detach().numpy()[0, :, 0, 0])
+    np.testing.assert_array_equal(
+        params[f"lin{k}"], lin.model[1].weight.detach().numpy()[0, :, 0, 0]
+    )
   with np.load(out) as data:
     assert str(data["source_sha256/vgg"][0]) == convert_lpips.file_sha256(str(tmp_path / "vgg.pth"))
     assert str(data["source_sha256/lin"][0]) == convert_lpips.file_sha256(
-        convert_lpips.default_lin_source())
+        convert_lpips.default_lin_source()
+    )
 
 
 def test_converter_and_loader_errors_are_one_sentence(tmp_path, reference):
@@ -166,9 +194,19 @@ def test_converter_and_loader_errors_are_one_sentence(tmp_path, reference):
   good = torch.load(os.path.join(os.path.dirname(reference[1]), lpips_jax.VGG16_FILE))
   bad = str(tmp_path / "no_last_bias.pth")
   torch.save({k: v for k, v in good.items() if k != "features.28.bias"}, bad)
-  result = subprocess.run([sys.executable, "-m", "evaluation.convert_lpips", f"--vgg={bad}",
-                           f"--out={tmp_path / 'x.npz'}"], cwd=REPO, capture_output=True,
-                          text=True, env=run_utils.subprocess_env())
+  result = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "evaluation.convert_lpips",
+          f"--vgg={bad}",
+          f"--out={tmp_path / 'x.npz'}",
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      env=run_utils.subprocess_env(),
+  )
   run_utils.assert_one_sentence_error(result, bad, "lacks 'features.28.bias'")
   torch.save({**good, "features.0.weight": torch.zeros(64, 3, 5, 5)}, bad)
   with pytest.raises(EvaluationError, match=r"'features.0.weight' of shape \(64, 3, 5, 5\)"):
@@ -190,8 +228,9 @@ def test_converter_and_loader_errors_are_one_sentence(tmp_path, reference):
 
 def _lpips_config(weights: str, **overrides):
   config = tiny_digits.get_config()
-  config.consistency.update(dict(mode="distill", teacher="unused", distance="lpips",
-                                 lpips_weights=weights, **overrides))
+  config.consistency.update(
+      dict(mode="distill", teacher="unused", distance="lpips", lpips_weights=weights, **overrides)
+  )
   return config
 
 
@@ -215,8 +254,8 @@ def test_cd_train_step_with_lpips(reference):
   runs = {}
   for name, extra in (("lpips", dict(distance="lpips", lpips_resize=0)), ("l2", {})):
     _, _, _, _, state, batch, step = _step_setup(
-        optax.sgd(1.0), consistency=dict(mode="distill", teacher="unused", num_scales=10,
-                                          **extra))
+        optax.sgd(1.0), consistency=dict(mode="distill", teacher="unused", num_scales=10, **extra)
+    )
     # The l2 run is test_train_step's plain CD step (one program, compiled once per cache).
     frozen = (params,) if name == "lpips" else ()
     runs[name] = step(jax.tree.map(jnp.copy, state), batch, key, state.params, *frozen)

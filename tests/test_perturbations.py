@@ -25,8 +25,7 @@ def test_pgd_raises_the_denoising_error_more_than_random_noise_within_budget():
 
   clean = robustness.denoising_error(model_fn, x_t, t, x0, g.alphas_cumprod)
   rand = robustness.random_perturbation(key_r, x_t, rho)
-  adv = robustness.pgd_perturbation(model_fn, x_t, t, x0, g.alphas_cumprod, rho, key_p,
-                                    steps=30)
+  adv = robustness.pgd_perturbation(model_fn, x_t, t, x0, g.alphas_cumprod, rho, key_p, steps=30)
   norms = lambda d: np.sqrt(np.sum(np.square(np.asarray(d)), axis=(1, 2, 3)))  # noqa: E731
   np.testing.assert_allclose(norms(rand), radius, rtol=1e-5)
   assert np.all(norms(adv) <= radius * (1 + 1e-5))
@@ -44,8 +43,9 @@ def test_self_referenced_attack_escapes_the_zero_gradient_at_the_clean_input():
   x_t = jax.random.normal(jax.random.key(1), (8, 1, 1, 4))
   t = jnp.full((8,), 500)
   reference = robustness.x0_prediction(model_fn, x_t, t, g.alphas_cumprod)
-  adv = robustness.pgd_perturbation(model_fn, x_t, t, reference, g.alphas_cumprod, 0.05,
-                                    jax.random.key(2), steps=30)
+  adv = robustness.pgd_perturbation(
+      model_fn, x_t, t, reference, g.alphas_cumprod, 0.05, jax.random.key(2), steps=30
+  )
   err = robustness.denoising_error(model_fn, x_t + adv, t, reference, g.alphas_cumprod)
   # The linear denoiser's worst case is the direction of its largest gain w_t.
   w = np.asarray(params["w"][500])  # x̂_0(x + δ) − x̂_0(x) = w_t ⊙ δ
@@ -61,9 +61,12 @@ def test_trajectory_attack_stays_in_budget_and_moves_samples_more_than_random():
   model_fn = lambda x, t: g.net(params, x, t)  # noqa: E731
   ac, nfe, rho, attacked_step = g.alphas_cumprod, 10, 0.05, 2
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(jnp.arange(64))
-  perturb = {kind: robustness.trajectory_perturbation(model_fn, kind, rho, (attacked_step,), nfe,
-                                                      ac, keys, pgd_steps=20)
-             for kind in robustness.KINDS}
+  perturb = {
+      kind: robustness.trajectory_perturbation(
+          model_fn, kind, rho, (attacked_step,), nfe, ac, keys, pgd_steps=20
+      )
+      for kind in robustness.KINDS
+  }
   x = jax.random.normal(jax.random.key(4), (64, 1, 1, 4))
   t = jnp.full((64,), 500)
   for kind in robustness.KINDS:  # steps not in the attack list leave x_t untouched
@@ -75,18 +78,24 @@ def test_trajectory_attack_stays_in_budget_and_moves_samples_more_than_random():
   np.testing.assert_allclose(norms["random"], radius, rtol=1e-5)
   assert np.all(norms["adversarial"] <= radius * (1 + 1e-5))
   reference = robustness.x0_prediction(model_fn, x, t, ac)
-  error = {k: np.asarray(robustness.denoising_error(model_fn, x + d, t, reference, ac))
-           for k, d in delta.items()}
+  error = {
+      k: np.asarray(robustness.denoising_error(model_fn, x + d, t, reference, ac))
+      for k, d in delta.items()
+  }
   assert np.all(error["adversarial"] > error["random"])
   # Example i's random direction depends on its own key only, not on the batch it is in.
-  small = robustness.trajectory_perturbation(model_fn, "random", rho, (attacked_step,), nfe, ac,
-                                             keys[:8])
-  np.testing.assert_allclose(small(jnp.int32(attacked_step), t[:8], x[:8]) - x[:8],
-                             delta["random"][:8], atol=1e-6)
+  small = robustness.trajectory_perturbation(
+      model_fn, "random", rho, (attacked_step,), nfe, ac, keys[:8]
+  )
+  np.testing.assert_allclose(
+      small(jnp.int32(attacked_step), t[:8], x[:8]) - x[:8], delta["random"][:8], atol=1e-6
+  )
 
   # Whole DDIM trajectories from the same noise: the attacked state propagates to the samples.
   steps = respaced_diffusion("linear", T, nfe)
   clean = sample_ddim(model_fn, x, steps, keys)[0]
-  moved = {k: float(jnp.mean(jnp.square(sample_ddim(model_fn, x, steps, keys, perturb=p)[0]
-                                         - clean))) for k, p in perturb.items()}
+  moved = {
+      k: float(jnp.mean(jnp.square(sample_ddim(model_fn, x, steps, keys, perturb=p)[0] - clean)))
+      for k, p in perturb.items()
+  }
   assert moved["adversarial"] > moved["random"] > 0

@@ -15,6 +15,7 @@ def _brute_force_pr(ref, sam, k=3):
   def radii(x):
     d = ((x[:, None] - x[None]) ** 2).sum(-1)
     return np.sort(d, axis=1)[:, k]
+
   d = ((ref[:, None] - sam[None]) ** 2).sum(-1)
   precision = np.mean((d <= radii(ref)[:, None]).any(0))
   recall = np.mean((d <= radii(sam)[None, :]).any(1))

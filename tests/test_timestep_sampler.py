@@ -17,7 +17,6 @@ with warnings.catch_warnings():
   import guided_diffusion.resample as gd_resample
 
 
-
 @pytest.fixture
 def adm_resampler(monkeypatch):
   # resample.py uses np.int, removed in NumPy >= 1.24; alias it for the reference only.
@@ -25,7 +24,8 @@ def adm_resampler(monkeypatch):
 
   def make(num_timesteps, history):
     return gd_resample.LossSecondMomentResampler(
-        types.SimpleNamespace(num_timesteps=num_timesteps), history_per_term=history)
+        types.SimpleNamespace(num_timesteps=num_timesteps), history_per_term=history
+    )
 
   return make
 

@@ -13,8 +13,13 @@ import pytest
 from adv_diffusion import losses
 from adv_diffusion import train_step as step_lib
 from modes import parallel, train
-from modes.factories import (create_diffusion, create_optimizer, create_unet,
-                             learning_rate_schedule, step_settings)
+from modes.factories import (
+    create_diffusion,
+    create_optimizer,
+    create_unet,
+    learning_rate_schedule,
+    step_settings,
+)
 from tests import run_utils
 from tests.configs import tiny_digits
 
@@ -32,32 +37,52 @@ def _step_setup(tx=None, consistency: dict | None = None, **adv):
   config.train.batch_size = 8
   config.consistency.update(consistency or {})
   settings = step_settings(config)
-  settings = dataclasses.replace(settings,
-                                 adversarial=dataclasses.replace(settings.adversarial, **adv))
+  settings = dataclasses.replace(
+      settings, adversarial=dataclasses.replace(settings.adversarial, **adv)
+  )
   mesh = parallel.make_mesh()
   model = create_unet(config)
   diffusion = create_diffusion(config)
   tx = tx or create_optimizer(config.optim)
   init = functools.partial(
-      step_lib.init_train_state, model, tx, settings=settings,
-      image_shape=train.image_shape(config), batch_size=config.train.batch_size,
+      step_lib.init_train_state,
+      model,
+      tx,
+      settings=settings,
+      image_shape=train.image_shape(config),
+      batch_size=config.train.batch_size,
       num_timesteps=config.diffusion.num_timesteps,
-      timestep_history=config.diffusion.sampler_history)
+      timestep_history=config.diffusion.sampler_history,
+  )
   key = jax.random.key(0)
   state = jax.jit(init, out_shardings=train.state_shardings(jax.eval_shape(init, key), mesh))(key)
   # Move the zero-initialised output layers so that δ has a gradient from the first step.
-  state = state.replace(params=jax.tree.map(
-      lambda p: p + 0.02 * jax.random.normal(jax.random.key(3), p.shape), state.params))
+  state = state.replace(
+      params=jax.tree.map(
+          lambda p: p + 0.02 * jax.random.normal(jax.random.key(3), p.shape), state.params
+      )
+  )
   state = state.replace(ema_params=tuple(state.params for _ in state.ema_params))
   if state.target_params is not None:
     state = state.replace(target_params=state.params)
   rng = np.random.default_rng(0)
   batch = parallel.global_batch_from_local(
-      {"image": rng.integers(0, 256, (8, 16, 16, 1), dtype=np.uint8),
-       "label": np.zeros((8,), np.int32)}, mesh)
-  step = jax.jit(functools.partial(step_lib.train_step, model=model, diffusion=diffusion, tx=tx,
-                                   settings=settings,
-                                   learning_rate_fn=learning_rate_schedule(config.optim)))
+      {
+          "image": rng.integers(0, 256, (8, 16, 16, 1), dtype=np.uint8),
+          "label": np.zeros((8,), np.int32),
+      },
+      mesh,
+  )
+  step = jax.jit(
+      functools.partial(
+          step_lib.train_step,
+          model=model,
+          diffusion=diffusion,
+          tx=tx,
+          settings=settings,
+          learning_rate_fn=learning_rate_schedule(config.optim),
+      )
+  )
   return settings, model, diffusion, tx, state, batch, step
 
 
@@ -86,7 +111,8 @@ def test_single_replay_is_the_clean_step():
 
 def test_three_replays_make_three_updates_and_step_size_zero_is_three_clean_updates():
   settings, model, diffusion, tx, state, batch, fast_step = _step_setup(
-      tx=optax.sgd(0.1), mode="fast", num_replays=3, step_size=0.0)
+      tx=optax.sgd(0.1), mode="fast", num_replays=3, step_size=0.0
+  )
   key = jax.random.key(42)
   new, metrics = fast_step(_copy(state), batch, key)
   assert int(new.step) == 1 and int(new.num_updates) == 3
@@ -102,17 +128,28 @@ def test_three_replays_make_three_updates_and_step_size_zero_is_three_clean_upda
 
   manual, params_seen = _copy(state), []
   for r, k in enumerate(step_lib.replay_dropout_keys(dropout_key, 3)):
-    grads = jax.grad(lambda p: losses.diffusion_loss(
-        p, jnp.zeros_like(inputs.x_t), inputs, k, apply_fn=apply_fn, diffusion=diffusion,
-        learn_sigma=True, loss_type="rescaled_mse")[0])(manual.params)
+    grads = jax.grad(
+        lambda p: losses.diffusion_loss(
+            p,
+            jnp.zeros_like(inputs.x_t),
+            inputs,
+            k,
+            apply_fn=apply_fn,
+            diffusion=diffusion,
+            learn_sigma=True,
+            loss_type="rescaled_mse",
+        )[0]
+    )(manual.params)
     manual = step_lib.apply_gradients(manual, grads, tx, settings.ema_rates)
     params_seen.append(manual.params)
   assert run_utils.max_abs_diff(manual.params, new.params) <= 1e-6
   # EMA arithmetic: three EMA updates, e3 = r³e0 + (1−r)(r²p1 + r·p2 + p3), for each rate.
   for rate, ema0, ema3 in zip(settings.ema_rates, state.ema_params, new.ema_params):
     expected = jax.tree.map(
-        lambda e, p1, p2, p3: rate ** 3 * e + (1 - rate) * (rate ** 2 * p1 + rate * p2 + p3),
-        ema0, *params_seen)
+        lambda e, p1, p2, p3: rate**3 * e + (1 - rate) * (rate**2 * p1 + rate * p2 + p3),
+        ema0,
+        *params_seen,
+    )
     assert run_utils.max_abs_diff(expected, ema3) <= 1e-6
 
 
@@ -146,8 +183,9 @@ def test_input_perturbation_builds_x_t_from_perturbed_noise_and_keeps_the_target
   ip_inputs, _ = step_lib.minibatch_inputs(state, batch, key, diffusion, ip_settings)
   np.testing.assert_array_equal(ip_inputs.noise, clean_inputs.noise)  # target ε unchanged
   xi = losses.input_perturbation_noise(clean_inputs.noise, jax.random.fold_in(key, 1001), 0.15)
-  np.testing.assert_allclose(ip_inputs.x_t, diffusion.q_sample(clean_inputs.x_start,
-                                                               clean_inputs.t, xi), atol=1e-6)
+  np.testing.assert_allclose(
+      ip_inputs.x_t, diffusion.q_sample(clean_inputs.x_start, clean_inputs.t, xi), atol=1e-6
+  )
   assert float(jnp.max(jnp.abs(ip_inputs.x_t - clean_inputs.x_t))) > 1e-3
 
 
@@ -159,7 +197,8 @@ def test_input_perturbation_builds_x_t_from_perturbed_noise_and_keeps_the_target
 def _cd_step_setup(tx, **adv):
   """Tiny UNet CD whose teacher, student and target network are one perturbed init."""
   settings, model, diffusion, _, state, batch, step = _step_setup(
-      tx, consistency=dict(mode="distill", teacher="unused", num_scales=10), **adv)
+      tx, consistency=dict(mode="distill", teacher="unused", num_scales=10), **adv
+  )
   return settings, model, diffusion, state, state.params, batch, step
 
 

@@ -1,4 +1,5 @@
 """Tests of the Flax ADM UNet against OpenAI's guided-diffusion `UNetModel` (torch, CPU)."""
+
 from __future__ import annotations
 
 import re
@@ -21,34 +22,81 @@ from adv_diffusion.nets.layers import timestep_embedding
 from adv_diffusion.nets.torch_mapping import flax_to_torch_state_dict, torch_to_flax_params
 
 SMALL = dict(  # every new-style option on, learned sigma
-  image_size=16, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
-  attention_resolutions=(2,), dropout=0.1, channel_mult=(1, 2), num_head_channels=8,
-  use_scale_shift_norm=True, resblock_updown=True, use_new_attention_order=True,
+    image_size=16,
+    in_channels=3,
+    model_channels=32,
+    out_channels=6,
+    num_res_blocks=1,
+    attention_resolutions=(2,),
+    dropout=0.1,
+    channel_mult=(1, 2),
+    num_head_channels=8,
+    use_scale_shift_norm=True,
+    resblock_updown=True,
+    use_new_attention_order=True,
 )
 SMALL_CLASS_LEGACY = dict(  # class-conditional, legacy qkv order, conv resampling
-  image_size=16, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=2,
-  attention_resolutions=(2,), channel_mult=(1, 2), num_classes=10, num_heads=2,
-  conv_resample=True,
+    image_size=16,
+    in_channels=3,
+    model_channels=32,
+    out_channels=3,
+    num_res_blocks=2,
+    attention_resolutions=(2,),
+    channel_mult=(1, 2),
+    num_classes=10,
+    num_heads=2,
+    conv_resample=True,
 )
 SMALL_POOL = dict(  # avg-pool / conv-free resampling, attention at full res, other upsample heads
-  image_size=8, in_channels=2, model_channels=32, out_channels=2, num_res_blocks=1,
-  attention_resolutions=(1, 2), channel_mult=(1, 2, 2), num_heads=4, num_heads_upsample=1,
-  conv_resample=False,
+    image_size=8,
+    in_channels=2,
+    model_channels=32,
+    out_channels=2,
+    num_res_blocks=1,
+    attention_resolutions=(1, 2),
+    channel_mult=(1, 2, 2),
+    num_heads=4,
+    num_heads_upsample=1,
+    conv_resample=False,
 )
 TINY_CLASS = dict(  # one level only: just enough to exercise every kind of layer init
-  image_size=8, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
-  attention_resolutions=(1,), channel_mult=(1,), num_classes=3,
+    image_size=8,
+    in_channels=3,
+    model_channels=32,
+    out_channels=3,
+    num_res_blocks=1,
+    attention_resolutions=(1,),
+    channel_mult=(1,),
+    num_classes=3,
 )
 CIFAR10 = dict(
-  image_size=32, in_channels=3, model_channels=128, out_channels=6, num_res_blocks=3,
-  attention_resolutions=(2, 4), dropout=0.3, channel_mult=(1, 2, 2, 2), num_head_channels=32,
-  use_scale_shift_norm=True, resblock_updown=True, use_new_attention_order=True,
+    image_size=32,
+    in_channels=3,
+    model_channels=128,
+    out_channels=6,
+    num_res_blocks=3,
+    attention_resolutions=(2, 4),
+    dropout=0.3,
+    channel_mult=(1, 2, 2, 2),
+    num_head_channels=32,
+    use_scale_shift_norm=True,
+    resblock_updown=True,
+    use_new_attention_order=True,
 )
 IMAGENET64 = dict(
-  image_size=64, in_channels=3, model_channels=192, out_channels=6, num_res_blocks=3,
-  attention_resolutions=(2, 4, 8), dropout=0.1, channel_mult=(1, 2, 3, 4),
-  num_head_channels=64, num_classes=1000, use_scale_shift_norm=True, resblock_updown=True,
-  use_new_attention_order=True,
+    image_size=64,
+    in_channels=3,
+    model_channels=192,
+    out_channels=6,
+    num_res_blocks=3,
+    attention_resolutions=(2, 4, 8),
+    dropout=0.1,
+    channel_mult=(1, 2, 3, 4),
+    num_head_channels=64,
+    num_classes=1000,
+    use_scale_shift_norm=True,
+    resblock_updown=True,
+    use_new_attention_order=True,
 )
 CIFAR10_PARAMS = 57_094_662
 BATCH = 2
@@ -72,8 +120,8 @@ def inputs(cfg: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
   size, chans = cfg["image_size"], cfg["in_channels"]
   out = {
-    "x": rng.standard_normal((BATCH, chans, size, size)).astype(np.float32),
-    "t": rng.integers(0, 1000, size=(BATCH,)).astype(np.int64),
+      "x": rng.standard_normal((BATCH, chans, size, size)).astype(np.float32),
+      "t": rng.integers(0, 1000, size=(BATCH,)).astype(np.int64),
   }
   if cfg.get("num_classes") is not None:
     out["y"] = rng.integers(0, cfg["num_classes"], size=(BATCH,)).astype(np.int64)
@@ -84,9 +132,9 @@ def flax_args(batch: dict[str, np.ndarray]) -> tuple:
   """(x NHWC, t, y) as jax arrays."""
   y = batch.get("y")
   return (
-    jnp.asarray(batch["x"].transpose(0, 2, 3, 1)),
-    jnp.asarray(batch["t"], jnp.int32),
-    None if y is None else jnp.asarray(y, jnp.int32),
+      jnp.asarray(batch["x"].transpose(0, 2, 3, 1)),
+      jnp.asarray(batch["t"], jnp.int32),
+      None if y is None else jnp.asarray(y, jnp.int32),
   )
 
 
@@ -118,9 +166,9 @@ class Case:
     with torch.no_grad():
       y = self.batch.get("y")
       self.reference = self.torch(
-        torch.from_numpy(self.batch["x"]),
-        torch.from_numpy(self.batch["t"]),
-        None if y is None else torch.from_numpy(y),
+          torch.from_numpy(self.batch["x"]),
+          torch.from_numpy(self.batch["t"]),
+          None if y is None else torch.from_numpy(y),
       ).numpy()
 
   def run(self, model: UNet | None = None, **kwargs: Any) -> np.ndarray:
@@ -188,7 +236,7 @@ def test_param_count_matches_torch(cfg: dict[str, Any]) -> None:
 def test_round_trip_flax_torch_flax(small: Case) -> None:
   rng = np.random.default_rng(1)  # any Flax params tree; random values catch layout slips
   params = jax.tree_util.tree_map(
-    lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), small.params
+      lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), small.params
   )
   state = flax_to_torch_state_dict(params)
   with torch.device("meta"):

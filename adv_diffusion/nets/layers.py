@@ -10,6 +10,7 @@ compute dtype of convolutions, attention and the activations between them; group
 attention softmax are evaluated in float32 and cast back, and the timestep-embedding projection
 (`emb_layers_1`) runs in float32, because ADM's `convert_module_to_f16` converts only conv layers.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,48 +40,48 @@ def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
 
 
 def conv2d(
-  features: int,
-  in_features: int,
-  *,
-  kernel_size: int = 3,
-  stride: int = 1,
-  zero_init: bool = False,
-  dtype: Dtype = jnp.float32,
-  name: str,
+    features: int,
+    in_features: int,
+    *,
+    kernel_size: int = 3,
+    stride: int = 1,
+    zero_init: bool = False,
+    dtype: Dtype = jnp.float32,
+    name: str,
 ) -> nn.Conv:
   """A torch-style Conv2d (symmetric padding k//2, torch default or zero init)."""
   pad = kernel_size // 2
   fan_in = in_features * kernel_size * kernel_size
   return nn.Conv(
-    features,
-    (kernel_size, kernel_size),
-    strides=(stride, stride),
-    # Explicit symmetric padding: "SAME" would pad (0, 1) for stride 2, unlike torch.
-    padding=((pad, pad), (pad, pad)),
-    dtype=dtype,
-    param_dtype=jnp.float32,
-    kernel_init=zeros_init if zero_init else torch_kernel_init,
-    bias_init=zeros_init if zero_init else torch_bias_init(fan_in),
-    name=name,
+      features,
+      (kernel_size, kernel_size),
+      strides=(stride, stride),
+      # Explicit symmetric padding: "SAME" would pad (0, 1) for stride 2, unlike torch.
+      padding=((pad, pad), (pad, pad)),
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=zeros_init if zero_init else torch_kernel_init,
+      bias_init=zeros_init if zero_init else torch_bias_init(fan_in),
+      name=name,
   )
 
 
 def dense(
-  features: int,
-  in_features: int,
-  *,
-  zero_init: bool = False,
-  dtype: Dtype = jnp.float32,
-  name: str,
+    features: int,
+    in_features: int,
+    *,
+    zero_init: bool = False,
+    dtype: Dtype = jnp.float32,
+    name: str,
 ) -> nn.Dense:
   """A torch-style Linear (also stands in for ADM's 1x1 Conv1d in attention)."""
   return nn.Dense(
-    features,
-    dtype=dtype,
-    param_dtype=jnp.float32,
-    kernel_init=zeros_init if zero_init else torch_kernel_init,
-    bias_init=zeros_init if zero_init else torch_bias_init(in_features),
-    name=name,
+      features,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=zeros_init if zero_init else torch_kernel_init,
+      bias_init=zeros_init if zero_init else torch_bias_init(in_features),
+      name=name,
   )
 
 
@@ -95,7 +96,7 @@ class GroupNorm32(nn.Module):
     channels = x.shape[-1]
     if channels % self.num_groups:
       raise ValueError(
-        f"GroupNorm32 needs channels divisible by {self.num_groups}, got {channels}."
+          f"GroupNorm32 needs channels divisible by {self.num_groups}, got {channels}."
       )
     scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
@@ -162,7 +163,7 @@ class Downsample(nn.Module):
       return conv2d(out_channels, channels, stride=2, dtype=self.dtype, name="op")(x)
     if out_channels != channels:
       raise ValueError(
-        f"Downsample without conv cannot change channels ({channels} -> {out_channels})."
+          f"Downsample without conv cannot change channels ({channels} -> {out_channels})."
       )
     return avg_pool2(x)
 
@@ -213,8 +214,8 @@ def resolve_num_heads(channels: int, num_heads: int, num_head_channels: int) -> 
     heads = num_heads
   elif channels % num_head_channels:
     raise ValueError(
-      f"Attention channels {channels} are not divisible by num_head_channels "
-      f"{num_head_channels}."
+        f"Attention channels {channels} are not divisible by num_head_channels "
+        f"{num_head_channels}."
     )
   else:
     heads = channels // num_head_channels
@@ -258,7 +259,7 @@ class AttentionBlock(nn.Module):
     flat = x.reshape(batch, height * width, channels)
     # qkv / proj_out are 1x1 Conv1d in ADM, i.e. per-position Dense layers here.
     qkv = dense(3 * channels, channels, dtype=self.dtype, name="qkv")(
-      GroupNorm32(name="norm")(flat)
+        GroupNorm32(name="norm")(flat)
     )
     h = qkv_attention(qkv, heads, self.use_new_attention_order)
     h = dense(channels, channels, zero_init=True, dtype=self.dtype, name="proj_out")(h)

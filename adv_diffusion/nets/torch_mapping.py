@@ -15,6 +15,7 @@ Layout rule, by leaf kind:
 All transforms are transposes/reshapes, so round trips are bit-exact. torch is not imported:
 tensors are converted by duck typing (`.detach().cpu().numpy()`).
 """
+
 from __future__ import annotations
 
 import re
@@ -116,14 +117,15 @@ def _listing(items: list[str]) -> str:
 class StateDictMismatchError(ValueError):
   """A state dict whose keys or shapes differ from the UNet's; names every offending key."""
 
-  def __init__(self, unknown: list[str], missing: list[str], misshaped: list[str],
-               num_expected: int):
+  def __init__(
+      self, unknown: list[str], missing: list[str], misshaped: list[str], num_expected: int
+  ):
     self.unknown, self.missing, self.misshaped = unknown, missing, misshaped
     self.num_expected = num_expected
     super().__init__(
-      "torch state dict does not match the Flax UNet parameters (expected exactly the "
-      f"{num_expected} keys of guided-diffusion's UNetModel for this configuration, with torch "
-      f"layouts): {self.problems()}."
+        "torch state dict does not match the Flax UNet parameters (expected exactly the "
+        f"{num_expected} keys of guided-diffusion's UNetModel for this configuration, with torch "
+        f"layouts): {self.problems()}."
     )
 
   def problems(self) -> str:
@@ -138,9 +140,7 @@ class StateDictMismatchError(ValueError):
     return "; ".join(problems)
 
 
-def torch_to_flax_params(
-  state_dict: Mapping[str, Any], params_template: Mapping
-) -> dict[str, Any]:
+def torch_to_flax_params(state_dict: Mapping[str, Any], params_template: Mapping) -> dict[str, Any]:
   """Convert a guided-diffusion UNetModel state dict into Flax params shaped like the template.
 
   `params_template` is the `params` collection of a UNet (arrays or `jax.eval_shape` structs);

@@ -9,6 +9,7 @@ index is glued to the name before it with "_". Top level: `time_embed_0`, `time_
 blocks: ResBlock `in_layers_0`, `in_layers_2`, `emb_layers_1`, `out_layers_0`, `out_layers_3`,
 `skip_connection`; AttentionBlock `norm`, `qkv`, `proj_out`; Downsample `op`; Upsample `conv`.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -18,14 +19,14 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from adv_diffusion.nets.layers import (
-  AttentionBlock,
-  Downsample,
-  GroupNorm32,
-  ResBlock,
-  Upsample,
-  conv2d,
-  dense,
-  timestep_embedding,
+    AttentionBlock,
+    Downsample,
+    GroupNorm32,
+    ResBlock,
+    Upsample,
+    conv2d,
+    dense,
+    timestep_embedding,
 )
 
 Array = jax.Array
@@ -56,7 +57,7 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(
-    self, x: Array, timesteps: Array, y: Array | None = None, *, train: bool = False
+      self, x: Array, timesteps: Array, y: Array | None = None, *, train: bool = False
   ) -> Array:
     """Predict from NHWC `x`, int timesteps (B,) and labels (B,) iff class-conditional."""
     self._check_inputs(x, timesteps, y)
@@ -73,22 +74,16 @@ class UNet(nn.Module):
   def _check_inputs(self, x: Array, timesteps: Array, y: Array | None) -> None:
     """Raise ValueError on shapes or labels inconsistent with the configuration."""
     if x.ndim != 4 or x.shape[-1] != self.in_channels:
-      raise ValueError(
-        f"UNet expects NHWC input with {self.in_channels} channels, got {x.shape}."
-      )
+      raise ValueError(f"UNet expects NHWC input with {self.in_channels} channels, got {x.shape}.")
     factor = 2 ** (len(self.channel_mult) - 1)
     if x.shape[1] % factor or x.shape[2] % factor:
-      raise ValueError(
-        f"UNet input height/width must be divisible by {factor}, got {x.shape}."
-      )
+      raise ValueError(f"UNet input height/width must be divisible by {factor}, got {x.shape}.")
     if jnp.shape(timesteps) != (x.shape[0],):
-      raise ValueError(
-        f"timesteps must have shape ({x.shape[0]},), got {jnp.shape(timesteps)}."
-      )
+      raise ValueError(f"timesteps must have shape ({x.shape[0]},), got {jnp.shape(timesteps)}.")
     if (y is None) != (self.num_classes is None):
       raise ValueError(
-        "y must be given if and only if the UNet is class-conditional "
-        f"(num_classes={self.num_classes}, y {'missing' if y is None else 'given'})."
+          "y must be given if and only if the UNet is class-conditional "
+          f"(num_classes={self.num_classes}, y {'missing' if y is None else 'given'})."
       )
     if y is not None and jnp.shape(y) != (x.shape[0],):
       raise ValueError(f"y must have shape ({x.shape[0]},), got {jnp.shape(y)}.")
@@ -106,11 +101,11 @@ class UNet(nn.Module):
     emb = dense(self._emb_dim, self._emb_dim, name="time_embed_2")(nn.silu(emb))
     if self.num_classes is not None:
       label_emb = nn.Embed(
-        self.num_classes,
-        self._emb_dim,
-        param_dtype=jnp.float32,
-        embedding_init=nn.initializers.normal(1.0),  # torch nn.Embedding default
-        name="label_emb",
+          self.num_classes,
+          self._emb_dim,
+          param_dtype=jnp.float32,
+          embedding_init=nn.initializers.normal(1.0),  # torch nn.Embedding default
+          name="label_emb",
       )
       emb = emb + label_emb(y)
     return emb
@@ -119,24 +114,24 @@ class UNet(nn.Module):
     """A (possibly rematerialised) ResBlock; call it as block(h, emb, train)."""
     cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock  # self is arg 0
     return cls(
-      out_channels=out_channels,
-      dropout=self.dropout,
-      use_scale_shift_norm=self.use_scale_shift_norm,
-      up=up,
-      down=down,
-      dtype=self.dtype,
-      name=name,
+        out_channels=out_channels,
+        dropout=self.dropout,
+        use_scale_shift_norm=self.use_scale_shift_norm,
+        up=up,
+        down=down,
+        dtype=self.dtype,
+        name=name,
     )
 
   def _attention(self, name: str, num_heads: int):
     """A (possibly rematerialised) AttentionBlock."""
     cls = nn.remat(AttentionBlock) if self.remat else AttentionBlock
     return cls(
-      num_heads=num_heads,
-      num_head_channels=self.num_head_channels,
-      use_new_attention_order=self.use_new_attention_order,
-      dtype=self.dtype,
-      name=name,
+        num_heads=num_heads,
+        num_head_channels=self.num_head_channels,
+        use_new_attention_order=self.use_new_attention_order,
+        dtype=self.dtype,
+        name=name,
     )
 
   def _encoder(self, h: Array, emb: Array, train: bool) -> tuple[Array, list[Array]]:

@@ -15,10 +15,23 @@ from modes.errors import ConfigError, DatasetNotPreparedError
 from tests import run_utils
 
 
-@pytest.mark.parametrize("name", ["default", "digits_adm", "cifar10_adm", "imagenet64_adm",
-                                  "imagenet64_ip", "imagenet64_at",
-                                  "digits_at", "cifar10_at", "cifar10_ip", "cifar10_cd",
-                                  "cifar10_cd_at", "digits_cd_at"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "default",
+        "digits_adm",
+        "cifar10_adm",
+        "imagenet64_adm",
+        "imagenet64_ip",
+        "imagenet64_at",
+        "digits_at",
+        "cifar10_at",
+        "cifar10_ip",
+        "cifar10_cd",
+        "cifar10_cd_at",
+        "digits_cd_at",
+    ],
+)
 def test_shipped_configs_are_valid(name):
   validate_config(importlib.import_module(f"configs.{name}").get_config())
 
@@ -26,7 +39,10 @@ def test_shipped_configs_are_valid(name):
 def test_cifar10_config_is_the_papers_recipe():
   c = importlib.import_module("configs.cifar10_adm").get_config()
   assert (c.model.num_channels, tuple(c.model.channel_mult), c.model.num_res_blocks) == (
-      128, (1, 2, 2, 2), 3)
+      128,
+      (1, 2, 2, 2),
+      3,
+  )
   assert tuple(c.model.attention_resolutions) == (16, 8) and c.model.num_head_channels == 32
   assert c.model.dropout == 0.3 and c.model.learn_sigma and c.model.use_scale_shift_norm
   assert c.model.resblock_updown and c.model.use_new_attention_order
@@ -38,32 +54,35 @@ def test_cifar10_config_is_the_papers_recipe():
   assert c.data.random_flip
 
 
-@pytest.mark.parametrize("key,value", [
-    ("model.dropout", 1.5),
-    ("model.compute_dtype", "float16"),
-    ("model.attention_resolutions", (5,)),
-    ("model.num_head_channels", 24),
-    ("model.num_channels", 48),
-    ("data.dataset", "mnist"),
-    ("data.image_size", 32),
-    ("data.num_classes", 7),
-    ("diffusion.noise_schedule", "quadratic"),
-    ("diffusion.timestep_sampler", "importance"),
-    ("optim.learning_rate", -1.0),
-    ("train.batch_size", 0),
-    ("train.ema_rates", (1.0,)),
-    ("train.init_from_step", -5),
-    ("adversarial.mode", "free"),
-    ("adversarial.radius", -0.1),
-    ("adversarial.norm", "l1"),
-    ("adversarial.num_replays", 0),
-    ("adversarial.target", "x0"),
-    ("adversarial.init", "gaussian"),
-    ("diffusion.input_perturbation", -0.1),
-    ("evaluation.resize_rule", "bicubic"),
-    ("evaluation.max_reference_images", 1),
-    ("evaluation.fid_method", "newton"),
-])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("model.dropout", 1.5),
+        ("model.compute_dtype", "float16"),
+        ("model.attention_resolutions", (5,)),
+        ("model.num_head_channels", 24),
+        ("model.num_channels", 48),
+        ("data.dataset", "mnist"),
+        ("data.image_size", 32),
+        ("data.num_classes", 7),
+        ("diffusion.noise_schedule", "quadratic"),
+        ("diffusion.timestep_sampler", "importance"),
+        ("optim.learning_rate", -1.0),
+        ("train.batch_size", 0),
+        ("train.ema_rates", (1.0,)),
+        ("train.init_from_step", -5),
+        ("adversarial.mode", "free"),
+        ("adversarial.radius", -0.1),
+        ("adversarial.norm", "l1"),
+        ("adversarial.num_replays", 0),
+        ("adversarial.target", "x0"),
+        ("adversarial.init", "gaussian"),
+        ("diffusion.input_perturbation", -0.1),
+        ("evaluation.resize_rule", "bicubic"),
+        ("evaluation.max_reference_images", 1),
+        ("evaluation.fid_method", "newton"),
+    ],
+)
 def test_bad_values_name_the_key(key, value):
   config = importlib.import_module("configs.digits_adm").get_config()
   section, field = key.split(".")
@@ -81,14 +100,22 @@ def test_cli_errors_are_one_sentence(tmp_path):
   run_utils.assert_one_sentence_error(bad_value, "config.model.dropout = 1.5", "[0.0, 1.0)")
   unknown = run_utils.run_main(str(tmp_path / "b"), "--config.train.batchsize=3", check=False)
   run_utils.assert_one_sentence_error(unknown, "--config.train.batchsize", "configs/default.py")
-  missing = run_utils.run_main(str(tmp_path / "c"), f"--config.data.data_dir={tmp_path}/tfds",
-                               config=f"{run_utils.REPO}/configs/cifar10_adm.py", check=False)
+  missing = run_utils.run_main(
+      str(tmp_path / "c"),
+      f"--config.data.data_dir={tmp_path}/tfds",
+      config=f"{run_utils.REPO}/configs/cifar10_adm.py",
+      check=False,
+  )
   run_utils.assert_one_sentence_error(missing, "'cifar10' is not prepared", "tfds build cifar10")
   no_clean_run = run_utils.run_main(
-      str(tmp_path / "d"), f"--config.train.init_from={tmp_path}/clean",
-      config=f"{run_utils.REPO}/configs/cifar10_at.py", check=False)
-  run_utils.assert_one_sentence_error(no_clean_run, "no checkpoint found",
-                             "python main.py --config=configs/cifar10_adm.py")
+      str(tmp_path / "d"),
+      f"--config.train.init_from={tmp_path}/clean",
+      config=f"{run_utils.REPO}/configs/cifar10_at.py",
+      check=False,
+  )
+  run_utils.assert_one_sentence_error(
+      no_clean_run, "no checkpoint found", "python main.py --config=configs/cifar10_adm.py"
+  )
 
 
 def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):
@@ -96,8 +123,9 @@ def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):
     data_lib.load_dataset("imagenet64", "train", str(tmp_path))
 
 
-@pytest.mark.parametrize("name,shape,max_label", [
-    ("cifar10", (32, 32, 3), 9), ("imagenet64", (64, 64, 3), 999)])
+@pytest.mark.parametrize(
+    "name,shape,max_label", [("cifar10", (32, 32, 3), 9), ("imagenet64", (64, 64, 3), 999)]
+)
 def test_tfds_pipeline_on_mock_data(tmp_path, name, shape, max_label):
   with tfds.testing.mock_data(num_examples=24, data_dir=str(tmp_path)):
     dataset = data_lib.load_dataset(name, "train", str(tmp_path))
@@ -106,8 +134,10 @@ def test_tfds_pipeline_on_mock_data(tmp_path, name, shape, max_label):
   assert 0 <= dataset.labels.min() and dataset.labels.max() <= max_label
   # Two processes' rows of each global batch put together are the one-process batch.
   full = data_lib.batch_iterator(dataset, 8, 0, seed=3)
-  halves = [data_lib.batch_iterator(dataset, 8, 0, seed=3, process_index=p, process_count=2)
-            for p in range(2)]
+  halves = [
+      data_lib.batch_iterator(dataset, 8, 0, seed=3, process_index=p, process_count=2)
+      for p in range(2)
+  ]
   for _ in range(5):  # crosses an epoch boundary (24 examples, 8 per batch)
     whole = next(full)
     parts = [next(h) for h in halves]
@@ -126,12 +156,17 @@ def test_batch_stream_visits_every_example_once_per_epoch_and_resumes():
   n, batch = 50, 8
   stream = np.concatenate([data_lib.global_batch_indices(n, batch, s, seed=1) for s in range(25)])
   for epoch in range(4):  # 25 * 8 = 200 = 4 epochs
-    np.testing.assert_array_equal(np.sort(stream[epoch * n:(epoch + 1) * n]), np.arange(n))
-  assert not np.array_equal(stream[:n], stream[n:2 * n])  # a fresh permutation each epoch
-  resumed = data_lib.batch_iterator(data_lib.InMemoryDataset(
-      np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1), np.arange(n, dtype=np.int32)),
-      batch, start_step=7, seed=1)
-  np.testing.assert_array_equal(next(resumed)["label"], stream[7 * batch:8 * batch])
+    np.testing.assert_array_equal(np.sort(stream[epoch * n : (epoch + 1) * n]), np.arange(n))
+  assert not np.array_equal(stream[:n], stream[n : 2 * n])  # a fresh permutation each epoch
+  resumed = data_lib.batch_iterator(
+      data_lib.InMemoryDataset(
+          np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1), np.arange(n, dtype=np.int32)
+      ),
+      batch,
+      start_step=7,
+      seed=1,
+  )
+  np.testing.assert_array_equal(next(resumed)["label"], stream[7 * batch : 8 * batch])
   other_seed = data_lib.global_batch_indices(n, batch, 0, seed=2)
   assert not np.array_equal(other_seed, stream[:batch])
 

@@ -20,9 +20,12 @@ def weights(tmp_path_factory):
 
 def test_fid_stats_then_eval_write_scores_with_provenance(tmp_path, weights):
   workdir = str(tmp_path / "run")
-  common = (f"--config.evaluation.inception_weights={weights}",
-            "--config.evaluation.max_reference_images=12", "--config.evaluation.batch_size=6",
-            "--config.evaluation.fid_method=eigh")
+  common = (
+      f"--config.evaluation.inception_weights={weights}",
+      "--config.evaluation.max_reference_images=12",
+      "--config.evaluation.batch_size=6",
+      "--config.evaluation.fid_method=eigh",
+  )
   run_utils.run_main(workdir, "--mode=fid_stats", *common)
   reference = os.path.join(workdir, "eval", "reference_digits_train.npz")
   stats = fid.load_statistics(reference)
@@ -50,8 +53,12 @@ def test_fid_stats_then_eval_write_scores_with_provenance(tmp_path, weights):
 
 
 def test_eval_without_reference_is_one_sentence(tmp_path, weights):
-  result = run_utils.run_main(str(tmp_path / "run"), "--mode=eval",
-                              f"--config.evaluation.inception_weights={weights}", check=False)
+  result = run_utils.run_main(
+      str(tmp_path / "run"),
+      "--mode=eval",
+      f"--config.evaluation.inception_weights={weights}",
+      check=False,
+  )
   assert result.returncode == 1 and "Traceback" not in result.stderr
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("Error: ") and "--mode=fid_stats" in last

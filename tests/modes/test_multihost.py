@@ -11,10 +11,18 @@ from tests import run_utils
 
 # The paper's learning rate: Adam amplifies all-reduce rounding in proportion to it (see
 # test_train.test_one_and_eight_devices_give_the_same_parameters).
-TRAIN = ("--config.train.num_steps=3", "--config.optim.learning_rate=1e-4",
-         "--config.train.async_checkpointing=False")
-SAMPLE = ("--mode=sample", "--config.sampling.method=ddim", "--config.sampling.nfe=2",
-          "--config.sampling.num_samples=64", "--config.sampling.batch_size=32")
+TRAIN = (
+    "--config.train.num_steps=3",
+    "--config.optim.learning_rate=1e-4",
+    "--config.train.async_checkpointing=False",
+)
+SAMPLE = (
+    "--mode=sample",
+    "--config.sampling.method=ddim",
+    "--config.sampling.nfe=2",
+    "--config.sampling.num_samples=64",
+    "--config.sampling.batch_size=32",
+)
 TAG = "ddim_nfe2_step3_ema_seed0"
 
 
@@ -27,11 +35,23 @@ def _free_port() -> int:
 def _run_two_processes(workdir: str, *overrides: str) -> None:
   """main.py as processes 0 and 1 of a 2-process job, 2 CPU devices each."""
   address = f"localhost:{_free_port()}"
-  procs = [subprocess.Popen(
-      run_utils.main_command(workdir, *overrides, f"--coordinator_address={address}",
-                             "--num_processes=2", f"--process_id={i}"),
-      cwd=run_utils.REPO, env=run_utils.subprocess_env(2), stdout=subprocess.DEVNULL,
-      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  procs = [
+      subprocess.Popen(
+          run_utils.main_command(
+              workdir,
+              *overrides,
+              f"--coordinator_address={address}",
+              "--num_processes=2",
+              f"--process_id={i}",
+          ),
+          cwd=run_utils.REPO,
+          env=run_utils.subprocess_env(2),
+          stdout=subprocess.DEVNULL,
+          stderr=subprocess.PIPE,
+          text=True,
+      )
+      for i in range(2)
+  ]
   errors = [p.communicate(timeout=900)[1] for p in procs]
   for i, (p, err) in enumerate(zip(procs, errors)):
     assert p.returncode == 0, f"process {i} failed ({p.returncode}):\n{err[-4000:]}"

@@ -22,8 +22,11 @@ from modes.workdir import check_free_space
 from tests import run_utils
 from tests.configs import tiny_digits
 
-EVERY_STEP = ("--config.train.num_steps=3", "--config.train.checkpoint_every=1",
-              "--config.train.async_checkpointing=False")
+EVERY_STEP = (
+    "--config.train.num_steps=3",
+    "--config.train.checkpoint_every=1",
+    "--config.train.async_checkpointing=False",
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +39,9 @@ def three_checkpoints(tmp_path_factory) -> str:
 
 def _damage(workdir: str, step: int) -> None:
   """Truncates the largest data file of the model weights of checkpoint `step` to half."""
-  files = glob.glob(os.path.join(workdir, "checkpoints", str(step), "model", "**", "d", "*"),
-                    recursive=True)
+  files = glob.glob(
+      os.path.join(workdir, "checkpoints", str(step), "model", "**", "d", "*"), recursive=True
+  )
   victim = max(files, key=os.path.getsize)
   with open(victim, "r+b") as f:
     f.truncate(os.path.getsize(victim) // 2)
@@ -48,13 +52,23 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
   log = tmp_path / "stderr.txt"
   with open(log, "w") as err:
     proc = subprocess.Popen(
-        run_utils.main_command(str(workdir), "--config.train.num_steps=100000",
-                               "--config.train.checkpoint_every=100000",
-                               "--config.train.preemption_grace_seconds=120"),
-        cwd=run_utils.REPO, env=run_utils.subprocess_env(), stdout=subprocess.DEVNULL,
-        stderr=err)
+        run_utils.main_command(
+            str(workdir),
+            "--config.train.num_steps=100000",
+            "--config.train.checkpoint_every=100000",
+            "--config.train.preemption_grace_seconds=120",
+        ),
+        cwd=run_utils.REPO,
+        env=run_utils.subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=err,
+    )
     deadline = time.time() + 600
-    while "optimizer_updates=" not in log.read_text() and proc.poll() is None and time.time() < deadline:
+    while (
+        "optimizer_updates=" not in log.read_text()
+        and proc.poll() is None
+        and time.time() < deadline
+    ):
       time.sleep(0.05)  # wait until a few steps have run
     proc.send_signal(signal.SIGTERM)
     sent = time.time()
@@ -72,9 +86,12 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(three_checkpoi
   workdir = str(tmp_path / "run")
   shutil.copytree(three_checkpoints, workdir)
   _damage(workdir, 3)
-  result = run_utils.run_main(workdir, "--config.train.num_steps=4",
-                              "--config.train.checkpoint_every=1",
-                              "--config.train.async_checkpointing=False")
+  result = run_utils.run_main(
+      workdir,
+      "--config.train.num_steps=4",
+      "--config.train.checkpoint_every=1",
+      "--config.train.async_checkpointing=False",
+  )
   assert "Falling back to checkpoint step 2" in result.stderr
   assert "Resuming from" in result.stderr and "at step 2." in result.stderr
   names = os.listdir(os.path.join(workdir, "checkpoints"))
@@ -83,8 +100,10 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(three_checkpoi
   # Steps 3 and 4 were trained again from step 2: the new step 3 equals the original one.
   original = run_utils.read_checkpoint(three_checkpoints, 2)
   assert int(run_utils.read_checkpoint(workdir, 4)["train"]["step"]) == 4
-  assert run_utils.max_abs_diff(original["model"],
-                                run_utils.read_checkpoint(workdir, 2)["model"]) == 0.0
+  assert (
+      run_utils.max_abs_diff(original["model"], run_utils.read_checkpoint(workdir, 2)["model"])
+      == 0.0
+  )
 
 
 def test_every_checkpoint_damaged_is_one_sentence(three_checkpoints, tmp_path):
@@ -154,15 +173,22 @@ def test_nonfinite_weights_never_reach_a_checkpoint(three_checkpoints, tmp_path,
   params = train.init_params(create_unet(config), config, jax.random.key(0))
   params = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), params)
   shutil.rmtree(os.path.join(source, "checkpoints"))
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(source, "checkpoints"), save_every=1, keep=1,
-                                       async_save=False)
+  checkpointer = ckpt_lib.Checkpointer(
+      os.path.join(source, "checkpoints"), save_every=1, keep=1, async_save=False
+  )
   checkpointer.save(1, {"params": params, "ema_params": (params, params), "step": 1})
   checkpointer.close()
   workdir = str(tmp_path / "run")
-  result = run_utils.run_main(workdir, f"--config.train.init_from={source}",
-                              f"--config.train.on_nonfinite={mode}", *EVERY_STEP, check=False)
-  run_utils.assert_one_sentence_error(result, "parameters are not finite at step 1",
-                                      "no checkpoint was written")
+  result = run_utils.run_main(
+      workdir,
+      f"--config.train.init_from={source}",
+      f"--config.train.on_nonfinite={mode}",
+      *EVERY_STEP,
+      check=False,
+  )
+  run_utils.assert_one_sentence_error(
+      result, "parameters are not finite at step 1", "no checkpoint was written"
+  )
   assert ckpt_lib.checkpoint_steps(os.path.join(workdir, "checkpoints")) == []
 
 

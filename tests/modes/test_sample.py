@@ -16,8 +16,12 @@ from modes import sample as generate
 from tests import run_utils
 
 TAG = "ddim_nfe3_step2_ema_seed0"
-SAMPLE = ("--mode=sample", "--config.sampling.method=ddim", "--config.sampling.nfe=3",
-          "--config.sampling.num_samples=12")
+SAMPLE = (
+    "--mode=sample",
+    "--config.sampling.method=ddim",
+    "--config.sampling.nfe=3",
+    "--config.sampling.num_samples=12",
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +51,9 @@ def test_sample_inputs_depend_only_on_seed_and_index():
   noise, keys, labels = generate.sample_inputs(3, jnp.arange(6), shape, 10)
   sub_noise, sub_keys, sub_labels = generate.sample_inputs(3, jnp.asarray([4, 1]), shape, 10)
   np.testing.assert_array_equal(np.asarray(sub_noise), np.asarray(noise)[[4, 1]])
-  np.testing.assert_array_equal(np.asarray(jax.random.key_data(sub_keys)),
-                                np.asarray(jax.random.key_data(keys))[[4, 1]])
+  np.testing.assert_array_equal(
+      np.asarray(jax.random.key_data(sub_keys)), np.asarray(jax.random.key_data(keys))[[4, 1]]
+  )
   np.testing.assert_array_equal(np.asarray(sub_labels), np.asarray(labels)[[4, 1]])
   other, _, _ = generate.sample_inputs(4, jnp.arange(6), shape, 10)
   assert not np.array_equal(np.asarray(other), np.asarray(noise))
@@ -80,16 +85,21 @@ def test_same_set_for_any_batch_size_and_device_count(trained, reference):
   # Each batch size has its own chunks: a rerun with another batch size never mixes them.
   dirs = sorted(d.split("_")[0] for d in os.listdir(os.path.join(trained, "samples", TAG)))
   assert dirs == ["b12", "b4", "b8"]
-  chunk_dir = [d for d in os.listdir(os.path.join(trained, "samples", TAG))
-               if d.startswith("b8_")][0]
+  chunk_dir = [d for d in os.listdir(os.path.join(trained, "samples", TAG)) if d.startswith("b8_")][
+      0
+  ]
   with np.load(os.path.join(trained, "samples", TAG, chunk_dir, "chunk_00000008.npz")) as f:
     assert f["arr_0"].shape == (4, 16, 16, 1)
 
 
 def test_rerun_after_sigkill_completes_the_identical_set(trained, tmp_path):
   # nfe 100 makes each chunk of 2 slow enough (~0.3 s) for the kill to land mid-run.
-  overrides = ("--mode=sample", "--config.sampling.method=ddim", "--config.sampling.nfe=100",
-               "--config.sampling.num_samples=15")
+  overrides = (
+      "--mode=sample",
+      "--config.sampling.method=ddim",
+      "--config.sampling.nfe=100",
+      "--config.sampling.num_samples=15",
+  )
   tag = "ddim_nfe100_step2_ema_seed0"
   shutil.copytree(os.path.join(trained, "checkpoints"), tmp_path / "checkpoints")
   reference = tmp_path / "reference"
@@ -99,9 +109,13 @@ def test_rerun_after_sigkill_completes_the_identical_set(trained, tmp_path):
 
   killed = str(tmp_path)
   killed_overrides = (*overrides, "--config.sampling.batch_size=2")  # 8 chunks, the last of 1
-  proc = subprocess.Popen(run_utils.main_command(killed, *killed_overrides), cwd=run_utils.REPO,
-                          env=run_utils.subprocess_env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+      run_utils.main_command(killed, *killed_overrides),
+      cwd=run_utils.REPO,
+      env=run_utils.subprocess_env(),
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+  )
   tag_dir = tmp_path / "samples" / tag
 
   def chunk_files() -> list[str]:
@@ -134,11 +148,17 @@ def test_bad_sampling_settings_are_one_sentence_errors(trained, tmp_path):
   run_utils.assert_one_sentence_error(unknown, "config.sampling.method = 'euler'", "'dpm_solver++'")
   zero_nfe = run_utils.run_main(trained, *SAMPLE, "--config.sampling.nfe=0", check=False)
   run_utils.assert_one_sentence_error(zero_nfe, "config.sampling.nfe = 0", "≥ 1")
-  indivisible = run_utils.run_main(trained, *SAMPLE, "--config.sampling.batch_size=12",
-                                   num_devices=8, check=False)
+  indivisible = run_utils.run_main(
+      trained, *SAMPLE, "--config.sampling.batch_size=12", num_devices=8, check=False
+  )
   run_utils.assert_one_sentence_error(indivisible, "config.sampling.batch_size = 12", "8 devices")
-  too_few_steps = run_utils.run_main(trained, *SAMPLE, "--config.sampling.method=dpm_solver",
-                                     "--config.sampling.nfe=1", check=False)
+  too_few_steps = run_utils.run_main(
+      trained,
+      *SAMPLE,
+      "--config.sampling.method=dpm_solver",
+      "--config.sampling.nfe=1",
+      check=False,
+  )
   run_utils.assert_one_sentence_error(too_few_steps, "config.sampling", "at least 3 model calls")
   untrained = run_utils.run_main(str(tmp_path / "untrained"), *SAMPLE, check=False)
   run_utils.assert_one_sentence_error(untrained, "no checkpoint found", "--mode=train")

@@ -11,18 +11,28 @@ from tests import run_utils
 def test_story_runs_every_stage_with_equal_updates_and_resumes(tmp_path):
   weights, _ = convert_inception.convert(None, str(tmp_path / "inception.npz"))
   workdir = str(tmp_path / "story")
-  args = ("--mode=story", "--config.adversarial.mode=fast",
-          "--config.adversarial.num_replays=2", "--config.story.clean_steps=2",
-          "--config.train.num_steps=2", "--config.train.async_checkpointing=False",
-          "--config.story.methods=('ddim',)", "--config.story.nfes=(2,)",
-          "--config.story.num_samples=8", "--config.sampling.batch_size=8",
-          f"--config.evaluation.inception_weights={weights}",
-          "--config.evaluation.max_reference_images=8", "--config.evaluation.batch_size=8",
-          "--config.evaluation.fid_method=eigh", "--config.evaluation.precision_recall=False")
+  args = (
+      "--mode=story",
+      "--config.adversarial.mode=fast",
+      "--config.adversarial.num_replays=2",
+      "--config.story.clean_steps=2",
+      "--config.train.num_steps=2",
+      "--config.train.async_checkpointing=False",
+      "--config.story.methods=('ddim',)",
+      "--config.story.nfes=(2,)",
+      "--config.story.num_samples=8",
+      "--config.sampling.batch_size=8",
+      f"--config.evaluation.inception_weights={weights}",
+      "--config.evaluation.max_reference_images=8",
+      "--config.evaluation.batch_size=8",
+      "--config.evaluation.fid_method=eigh",
+      "--config.evaluation.precision_recall=False",
+  )
   first = run_utils.run_main(workdir, *args)
 
-  clean, at, control = (run_utils.read_checkpoint(os.path.join(workdir, name))
-                        for name in ("clean", "at", "control"))
+  clean, at, control = (
+      run_utils.read_checkpoint(os.path.join(workdir, name)) for name in ("clean", "at", "control")
+  )
   assert int(clean["train"]["step"]) == 2
   # Fast AT makes K = 2 updates per minibatch: the control gets 2 × 2 minibatches, 1 update each.
   assert int(at["train"]["step"]) == 2 and int(control["train"]["step"]) == 4
@@ -34,7 +44,9 @@ def test_story_runs_every_stage_with_equal_updates_and_resumes(tmp_path):
   with open(os.path.join(workdir, "table", "table.csv")) as f:
     rows = list(csv.DictReader(f))
   assert [(r["run"], r["method"], r["nfe"]) for r in rows] == [
-      ("ADM-AT", "ddim", "2"), ("ADM (clean control)", "ddim", "2")]
+      ("ADM-AT", "ddim", "2"),
+      ("ADM (clean control)", "ddim", "2"),
+  ]
   assert all(float(r["fid"]) > 0 and r["num_samples"] == "8" for r in rows)
   assert "| ADM-AT | ddim |" in first.stdout  # the table is printed at the end
 
@@ -50,9 +62,12 @@ def test_story_needs_adversarial_training(tmp_path):
 
 def test_story_without_fid_weights_stops_before_training(tmp_path):
   workdir = str(tmp_path / "s")
-  result = run_utils.run_main(workdir, "--mode=story",
-                              "--config.adversarial.mode=fast",
-                              f"--config.evaluation.inception_weights={tmp_path}/none.npz",
-                              check=False)
+  result = run_utils.run_main(
+      workdir,
+      "--mode=story",
+      "--config.adversarial.mode=fast",
+      f"--config.evaluation.inception_weights={tmp_path}/none.npz",
+      check=False,
+  )
   run_utils.assert_one_sentence_error(result, "FID Inception weights not found")
   assert not os.path.exists(os.path.join(workdir, "clean"))

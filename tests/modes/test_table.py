@@ -17,16 +17,22 @@ from tests import run_utils
 
 @pytest.fixture(scope="module")
 def table_args(trained_tiny, tmp_path_factory):
-  weights, _ = convert_inception.convert(
-      None, str(tmp_path_factory.mktemp("w") / "inception.npz"))
+  weights, _ = convert_inception.convert(None, str(tmp_path_factory.mktemp("w") / "inception.npz"))
   trained = str(tmp_path_factory.mktemp("adm") / "run")
   shutil.copytree(trained_tiny, trained)
-  return ("--mode=table", f"--config.table.runs=ADM={trained}",
-          "--config.table.methods=('ddim','dpm_solver++')", "--config.table.nfes=(2,10)",
-          "--config.table.num_samples=8", "--config.sampling.batch_size=8",
-          f"--config.evaluation.inception_weights={weights}",
-          "--config.evaluation.max_reference_images=8", "--config.evaluation.batch_size=8",
-          "--config.evaluation.fid_method=eigh", "--config.evaluation.precision_recall=False")
+  return (
+      "--mode=table",
+      f"--config.table.runs=ADM={trained}",
+      "--config.table.methods=('ddim','dpm_solver++')",
+      "--config.table.nfes=(2,10)",
+      "--config.table.num_samples=8",
+      "--config.sampling.batch_size=8",
+      f"--config.evaluation.inception_weights={weights}",
+      "--config.evaluation.max_reference_images=8",
+      "--config.evaluation.batch_size=8",
+      "--config.evaluation.fid_method=eigh",
+      "--config.evaluation.precision_recall=False",
+  )
 
 
 def test_tiny_grid_fills_every_cell_and_resumes(tmp_path, table_args):
@@ -36,7 +42,11 @@ def test_tiny_grid_fills_every_cell_and_resumes(tmp_path, table_args):
   with open(os.path.join(out, "table.csv")) as f:
     rows = list(csv.DictReader(f))
   assert [(r["method"], r["nfe"]) for r in rows] == [
-      ("ddim", "2"), ("ddim", "10"), ("dpm_solver++", "2"), ("dpm_solver++", "10")]
+      ("ddim", "2"),
+      ("ddim", "10"),
+      ("dpm_solver++", "2"),
+      ("dpm_solver++", "10"),
+  ]
   assert all(float(r["fid"]) > 0 and r["num_samples"] == "8" for r in rows)
   # The paper's CIFAR-10 numbers are not shown beside digits results.
   assert all(r["published_fid"] == "" for r in rows)
@@ -69,8 +79,9 @@ def test_published_numbers_belong_to_their_dataset():
 
 def test_bad_runs_spec_is_one_sentence(tmp_path, table_args):
   args = [a for a in table_args if not a.startswith("--config.table.runs")]
-  result = run_utils.run_main(str(tmp_path / "t"), *args, "--config.table.runs=nolabel",
-                              check=False)
+  result = run_utils.run_main(
+      str(tmp_path / "t"), *args, "--config.table.runs=nolabel", check=False
+  )
   run_utils.assert_one_sentence_error(result, "config.table.runs", "LABEL=WORKDIR")
 
 
@@ -78,15 +89,25 @@ def test_robustness_mode_fills_a_budget_table_and_attacks_the_trajectory(tmp_pat
   workdir = str(tmp_path / "robust")
   trained = next(a for a in table_args if a.startswith("--config.table.runs")).split("=", 2)[2]
   args = [a for a in table_args if not a.startswith(("--mode", "--config.table."))]
-  run_utils.run_main(workdir, "--mode=robustness", f"--config.robustness.runs=ADM={trained}",
-                     "--config.robustness.nfe=4", "--config.robustness.budgets=(0.1,)",
-                     "--config.robustness.attack_steps=(0,2)", "--config.robustness.pgd_steps=2",
-                     "--config.robustness.num_samples=8", *args)
+  run_utils.run_main(
+      workdir,
+      "--mode=robustness",
+      f"--config.robustness.runs=ADM={trained}",
+      "--config.robustness.nfe=4",
+      "--config.robustness.budgets=(0.1,)",
+      "--config.robustness.attack_steps=(0,2)",
+      "--config.robustness.pgd_steps=2",
+      "--config.robustness.num_samples=8",
+      *args,
+  )
   out = os.path.join(workdir, "robustness")
   with open(os.path.join(out, "robustness.csv")) as f:
     rows = list(csv.DictReader(f))
   assert [(r["kind"], r["rho"]) for r in rows] == [
-      ("none", "0.0"), ("random", "0.1"), ("adversarial", "0.1")]
+      ("none", "0.0"),
+      ("random", "0.1"),
+      ("adversarial", "0.1"),
+  ]
   assert all(float(r["fid"]) > 0 and r["num_samples"] == "8" for r in rows)
   assert rows[0]["attack_steps"] == "" and rows[2]["attack_steps"] == "0 2"
   markdown = open(os.path.join(out, "robustness.md")).read().splitlines()
@@ -96,8 +117,11 @@ def test_robustness_mode_fills_a_budget_table_and_attacks_the_trajectory(tmp_pat
   with Image.open(os.path.join(out, "fid_vs_budget.png")) as png:
     assert png.format == "PNG"
 
-  samples = sorted(f for f in os.listdir(os.path.join(trained, "samples"))
-                   if f.startswith("ddim_nfe4") and f.endswith(".npz"))
+  samples = sorted(
+      f
+      for f in os.listdir(os.path.join(trained, "samples"))
+      if f.startswith("ddim_nfe4") and f.endswith(".npz")
+  )
   assert len(samples) == 3  # clean, random and adversarial sets, told apart by their tags
   sets = {name: np.load(os.path.join(trained, "samples", name))["arr_0"] for name in samples}
   clean = next(v for k, v in sets.items() if "rho" not in k and "0.1" not in k)

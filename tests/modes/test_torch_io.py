@@ -1,5 +1,6 @@
 """guided-diffusion checkpoints in and out (`--mode=import_torch` / `--mode=export_torch`), and
 class-conditional ImageNet 64×64 end to end on `tfds.testing.mock_data`."""
+
 from __future__ import annotations
 
 import importlib
@@ -27,10 +28,24 @@ from tests.test_unet import flax_args, inputs, rel_err, torch_model  # noqa: E40
 TINY_MODULE = "tests.configs.tiny_imagenet64"
 TINY_IMAGENET = os.path.join(run_utils.REPO, "tests", "configs", "tiny_imagenet64.py")
 # Arguments that guided-diffusion's UNetModel shares with our UNet (which takes dtype and remat).
-TORCH_ARGS = ("image_size", "in_channels", "model_channels", "out_channels", "num_res_blocks",
-              "attention_resolutions", "dropout", "channel_mult", "conv_resample", "num_classes",
-              "num_heads", "num_head_channels", "num_heads_upsample", "use_scale_shift_norm",
-              "resblock_updown", "use_new_attention_order")
+TORCH_ARGS = (
+    "image_size",
+    "in_channels",
+    "model_channels",
+    "out_channels",
+    "num_res_blocks",
+    "attention_resolutions",
+    "dropout",
+    "channel_mult",
+    "conv_resample",
+    "num_classes",
+    "num_heads",
+    "num_head_channels",
+    "num_heads_upsample",
+    "use_scale_shift_norm",
+    "resblock_updown",
+    "use_new_attention_order",
+)
 
 
 def load_config(module: str, **model: object) -> ml_collections.ConfigDict:
@@ -54,10 +69,22 @@ def model_target(config: ml_collections.ConfigDict) -> dict:
 
 def run_mock_tfds(workdir: str, *overrides: str) -> subprocess.CompletedProcess:
   """main.py on the tiny ImageNet-64 config with TFDS mocked (random images and labels)."""
-  command = [sys.executable, "-m", "tests.mock_tfds_main", f"--config={TINY_IMAGENET}",
-             f"--workdir={workdir}", *overrides]
-  result = subprocess.run(command, cwd=run_utils.REPO, env=run_utils.subprocess_env(),
-                          capture_output=True, text=True, timeout=900)
+  command = [
+      sys.executable,
+      "-m",
+      "tests.mock_tfds_main",
+      f"--config={TINY_IMAGENET}",
+      f"--workdir={workdir}",
+      *overrides,
+  ]
+  result = subprocess.run(
+      command,
+      cwd=run_utils.REPO,
+      env=run_utils.subprocess_env(),
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
   if result.returncode != 0:
     raise AssertionError(f"main.py failed ({result.returncode}):\n{result.stderr[-4000:]}")
   return result
@@ -89,15 +116,22 @@ def test_export_import_export_is_bit_exact(trained, tmp_path):
   config = load_config(TINY_MODULE)
   rates = tuple(config.train.ema_rates)
   first = str(tmp_path / "torch_a")
-  run_utils.run_main(trained, "--mode=export_torch", f"--config.torch_io.out={first}", config=TINY_IMAGENET)
+  run_utils.run_main(
+      trained, "--mode=export_torch", f"--config.torch_io.out={first}", config=TINY_IMAGENET
+  )
   names = ["model000002.pt"] + [f"ema_{r}_000002.pt" for r in rates]
   assert sorted(os.listdir(first)) == sorted(names)
   model_file, *ema_files = [os.path.join(first, n) for n in names]
 
   # torch files -> orbax: the same params and EMAs, bit for bit, at the step of the file name.
   imported = str(tmp_path / "imported")
-  run_utils.run_main(imported, "--mode=import_torch", f"--config.torch_io.checkpoint={model_file}",
-                     f"--config.torch_io.ema={','.join(ema_files)}", config=TINY_IMAGENET)
+  run_utils.run_main(
+      imported,
+      "--mode=import_torch",
+      f"--config.torch_io.checkpoint={model_file}",
+      f"--config.torch_io.ema={','.join(ema_files)}",
+      config=TINY_IMAGENET,
+  )
   original = run_utils.read_checkpoint(trained)["model"]
   again = run_utils.read_checkpoint(imported, step=2)["model"]
   assert_trees_equal(again, original)
@@ -112,6 +146,7 @@ def test_export_import_export_is_bit_exact(trained, tmp_path):
     a, b = load_pt(os.path.join(first, name)), load_pt(os.path.join(second, name))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), name
   from guided_diffusion.unet import UNetModel
+
   with torch.device("meta"):
     reference = UNetModel(dims=2, **torch_kwargs(config))
   reference.load_state_dict(torch.load(model_file, weights_only=True), strict=True, assign=True)
@@ -120,13 +155,17 @@ def test_export_import_export_is_bit_exact(trained, tmp_path):
 # --------------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("name,model", [
-    ("configs.cifar10_adm", {}),
-    # ADM's ImageNet-64 network (class embedding, mult (1,2,3,4), attention at 32/16/8 with
-    # 64 head channels, scale-shift, resblock up/down, new order) at 64 instead of 192
-    # channels and 2 instead of 3 res blocks: 25.7 M instead of 295.9 M parameters.
-    ("configs.imagenet64_adm", {"num_channels": 64, "num_res_blocks": 2}),
-], ids=["cifar10", "imagenet64"])
+@pytest.mark.parametrize(
+    "name,model",
+    [
+        ("configs.cifar10_adm", {}),
+        # ADM's ImageNet-64 network (class embedding, mult (1,2,3,4), attention at 32/16/8 with
+        # 64 head channels, scale-shift, resblock up/down, new order) at 64 instead of 192
+        # channels and 2 instead of 3 res blocks: 25.7 M instead of 295.9 M parameters.
+        ("configs.imagenet64_adm", {"num_channels": 64, "num_res_blocks": 2}),
+    ],
+    ids=["cifar10", "imagenet64"],
+)
 def test_imported_model_matches_guided_diffusion(tmp_path, name, model):
   config = load_config(name, **model)
   kwargs = torch_kwargs(config)
@@ -145,8 +184,11 @@ def test_imported_model_matches_guided_diffusion(tmp_path, name, model):
   ours = np.asarray(apply({"params": weights["params"]}, *flax_args(batch)))
   with torch.no_grad():
     y = batch.get("y")
-    theirs = net(torch.from_numpy(batch["x"]), torch.from_numpy(batch["t"]),
-                 None if y is None else torch.from_numpy(y)).numpy()
+    theirs = net(
+        torch.from_numpy(batch["x"]),
+        torch.from_numpy(batch["t"]),
+        None if y is None else torch.from_numpy(y),
+    ).numpy()
   assert rel_err(ours.transpose(0, 3, 1, 2), theirs) <= 1e-5
 
   if config.data.num_classes:  # the label reaches the network
@@ -199,11 +241,20 @@ def test_import_cli_error_is_one_sentence(tmp_path):
     _corrupt(state, kind)
   path = str(tmp_path / "model.pt")
   torch.save(state, path)
-  result = run_utils.run_main(str(tmp_path / "run"), "--mode=import_torch",
-                              f"--config.torch_io.checkpoint={path}", config=TINY_IMAGENET, check=False)
+  result = run_utils.run_main(
+      str(tmp_path / "run"),
+      "--mode=import_torch",
+      f"--config.torch_io.checkpoint={path}",
+      config=TINY_IMAGENET,
+      check=False,
+  )
   run_utils.assert_one_sentence_error(
-      result, path, "1 unknown key(s) [input_blocks.1.0.not_a_layer.weight]",
-      "1 missing key(s) [label_emb.weight]", "1 mis-shaped key(s) [middle_block.1.qkv.weight")
+      result,
+      path,
+      "1 unknown key(s) [input_blocks.1.0.not_a_layer.weight]",
+      "1 missing key(s) [label_emb.weight]",
+      "1 mis-shaped key(s) [middle_block.1.qkv.weight",
+  )
 
 
 def test_missing_or_unreadable_file_is_one_sentence(tmp_path):

@@ -24,9 +24,13 @@ def _eval_mse(params, config, model, diffusion, images, key) -> float:
   k_t, k_n = jax.random.split(key)
   t = jax.random.randint(k_t, (x0.shape[0],), 0, diffusion.num_timesteps)
   noise = jax.random.normal(k_n, x0.shape)
-  out = model.apply({"params": params}, diffusion.q_sample(x0, t, noise),
-                    diffusion.model_timesteps(t), train=False)
-  eps = out[..., :config.data.channels]
+  out = model.apply(
+      {"params": params},
+      diffusion.q_sample(x0, t, noise),
+      diffusion.model_timesteps(t),
+      train=False,
+  )
+  eps = out[..., : config.data.channels]
   return float(jnp.mean((eps - noise) ** 2))
 
 
@@ -59,31 +63,42 @@ def test_one_and_eight_devices_give_the_same_parameters(tmp_path):
   # The paper's learning rate. Adam divides each gradient by its own running scale, so it
   # amplifies the float32 reduction-order noise of the 8-way gradient all-reduce in
   # proportion to the learning rate: at 1e-3 the parameters differ by ~4e-5, at 1e-4 by ~4e-6.
-  common = ("--config.train.num_steps=3", "--config.train.async_checkpointing=False",
-            "--config.optim.learning_rate=1e-4")
+  common = (
+      "--config.train.num_steps=3",
+      "--config.train.async_checkpointing=False",
+      "--config.optim.learning_rate=1e-4",
+  )
   run_utils.run_main(str(tmp_path / "one"), *common, num_devices=1)
   run_utils.run_main(str(tmp_path / "eight"), *common, num_devices=8)
   one = run_utils.read_checkpoint(str(tmp_path / "one"))
   eight = run_utils.read_checkpoint(str(tmp_path / "eight"))
   assert int(one["train"]["step"]) == int(eight["train"]["step"]) == 3
   assert run_utils.max_abs_diff(one["model"], eight["model"]) <= 1e-5
-  assert run_utils.max_abs_diff(one["train"]["sampler_state"],
-                                eight["train"]["sampler_state"]) <= 1e-5
+  assert (
+      run_utils.max_abs_diff(one["train"]["sampler_state"], eight["train"]["sampler_state"]) <= 1e-5
+  )
   # The parameters did move: the comparison is not between two initialisations.
   init_moved = run_utils.max_abs_diff(one["model"]["params"], one["model"]["ema_params"][1])
   assert init_moved > 1e-4
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
-  overrides = ("--config.train.num_steps=30", "--config.train.checkpoint_every=5",
-               "--config.train.log_every=5")
+  overrides = (
+      "--config.train.num_steps=30",
+      "--config.train.checkpoint_every=5",
+      "--config.train.log_every=5",
+  )
   reference = tmp_path / "reference"
   run_utils.run_main(str(reference), *overrides)
 
   killed = tmp_path / "killed"
-  proc = subprocess.Popen(run_utils.main_command(str(killed), *overrides), cwd=run_utils.REPO,
-                          env=run_utils.subprocess_env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+      run_utils.main_command(str(killed), *overrides),
+      cwd=run_utils.REPO,
+      env=run_utils.subprocess_env(),
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+  )
   marker = killed / "checkpoints" / "10"
   deadline = time.time() + 600
   while not marker.exists() and proc.poll() is None and time.time() < deadline:
@@ -111,8 +126,9 @@ def test_init_from_keeps_weights_and_ema_with_a_fresh_optimizer(tmp_path, traine
   model = create_unet(config)
   tx = train.create_optimizer(config.optim)
   fresh = train.init_train_state(model, tx, config, jax.random.key(7))
-  checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "target" / "checkpoints"), save_every=1,
-                                       keep=1, async_save=False)
+  checkpointer = ckpt_lib.Checkpointer(
+      str(tmp_path / "target" / "checkpoints"), save_every=1, keep=1, async_save=False
+  )
   state = train.restore_or_init(config, fresh, checkpointer)
   checkpointer.close()
 
@@ -129,23 +145,34 @@ def test_init_from_keeps_weights_and_ema_with_a_fresh_optimizer(tmp_path, traine
   # A step count that the source does not have is a one-sentence error.
   config.train.init_from_step = 99
   with pytest.raises(ckpt_lib.CheckpointError, match="step 99"):
-    train.restore_or_init(config, fresh, ckpt_lib.Checkpointer(
-        str(tmp_path / "other" / "checkpoints"), save_every=1, keep=1, async_save=False))
+    train.restore_or_init(
+        config,
+        fresh,
+        ckpt_lib.Checkpointer(
+            str(tmp_path / "other" / "checkpoints"), save_every=1, keep=1, async_save=False
+        ),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Adversarial-training runs: device-count invariance and exact resume with a carried δ
 # ---------------------------------------------------------------------------------------------
 
-AT_OVERRIDES = ("--config.adversarial.mode=fast", "--config.adversarial.num_replays=2",
-                "--config.adversarial.init=carry", "--config.optim.learning_rate=1e-4",
-                "--config.train.async_checkpointing=False", "--config.train.checkpoint_every=2")
+AT_OVERRIDES = (
+    "--config.adversarial.mode=fast",
+    "--config.adversarial.num_replays=2",
+    "--config.adversarial.init=carry",
+    "--config.optim.learning_rate=1e-4",
+    "--config.train.async_checkpointing=False",
+    "--config.train.checkpoint_every=2",
+)
 
 
 def test_at_runs_equal_on_one_and_eight_devices_and_resume_exactly(tmp_path):
   run_utils.run_main(str(tmp_path / "one"), *AT_OVERRIDES, "--config.train.num_steps=4")
-  run_utils.run_main(str(tmp_path / "eight"), *AT_OVERRIDES, "--config.train.num_steps=4",
-                     num_devices=8)
+  run_utils.run_main(
+      str(tmp_path / "eight"), *AT_OVERRIDES, "--config.train.num_steps=4", num_devices=8
+  )
   # As if stopped after checkpoint 2; resumed to 4 in a new process: δ comes back from it.
   run_utils.copy_as_stopped_at(str(tmp_path / "one"), str(tmp_path / "resumed"), 2)
   run_utils.run_main(str(tmp_path / "resumed"), *AT_OVERRIDES, "--config.train.num_steps=4")
