@@ -3,6 +3,8 @@ config and writes no files, modules stay small and public functions are typed an
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -141,3 +143,14 @@ def test_public_library_functions_are_typed_and_documented(path):
             f"{'ok' if ast.get_docstring(node) else 'missing'}"
         )
   assert missing == []
+
+
+def test_the_tree_is_formatted():
+  # pyink with the settings of pyproject.toml (run `pyink .` to fix).
+  result = subprocess.run(
+      [sys.executable, "-m", "pyink", "--check", "--quiet", "."],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+  )
+  assert result.returncode == 0, result.stderr
