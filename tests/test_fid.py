@@ -1,6 +1,6 @@
 """FID pipeline: weight conversion, Inception parity with the TorchScript reference, resize rules,
-statistics, Fréchet distance, files, errors, and 1 vs 8 devices (IS and precision/recall: their
-own test files).
+statistics, Fréchet distance, files, errors, and 1 vs 8 devices (IS, precision/recall and KID:
+their own test files).
 
 Costs on 2 CPU cores: an Inception forward is ~0.2 s/image in JAX and ~0.4 s/image in torch, a
 2048-d scipy sqrtm 15-30 s. So the images are few (tens), features are computed once per module
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from evaluation import convert_inception, features, fid, inception, inception_score, metrics
+from evaluation import convert_inception, features, fid, inception, inception_score, kid, metrics
 from evaluation import preprocess
 from evaluation.errors import EvaluationError
 from modes import statistics_file
@@ -564,13 +564,32 @@ def test_evaluate_from_an_adm_reference_batch(weights, tmp_path):
   assert abs(result["fid"]) < 1e-5 * np.trace(reference.pool.sigma)
   assert abs(result["sfid"]) < 1e-5 * np.trace(reference.spatial.sigma)
   assert (result["precision"], result["recall"]) == (1.0, 1.0)
+  # KID of a set with itself, every subset being the whole set (m = 10): MMD²_u = 2/m (mean
+  # off-diagonal - mean diagonal kernel value), slightly negative, with std at round-off.
+  x = reference.pool_features.astype(np.float64)
+  gram = (x @ x.T / x.shape[1] + 1) ** 3
+  off_diagonal = (gram.sum() - np.trace(gram)) / (10 * 9)
+  expected = 2 / 10 * (off_diagonal - np.mean(np.diag(gram)))
+  assert expected < 0
+  np.testing.assert_allclose(result["kid"], expected, rtol=1e-4)
+  assert result["kid_std"] < 1e-6 * abs(expected)
+  np.testing.assert_allclose(
+      result["kid"], kid.kernel_inception_distance(x, x, subset_size=10)[0], rtol=1e-4
+  )
   assert "inception_score" not in result  # fid-helper's weights have no classifier.
   p = result["provenance"]
   assert p["weights_sha256"] == weights.sha256 and p["resize_rule"] == "tf1_bilinear"
   assert p["num_samples"] == 10 and p["checkpoint_step"] == 7
-  # Statistics saved with one pipeline are refused by another.
+  assert (p["kid_subsets"], p["kid_subset_size"], p["kid_seed"]) == (100, 10, 2020)
+  # A statistics-only reference has no features: FID and sFID, no precision/recall or KID.
   saved = str(tmp_path / "ref_stats.npz")
   statistics_file.save_reference(saved, reference)
+  from_stats = metrics.evaluate(
+      images, saved, weights, batch_size=8, progress=False, fid_method="eigh"
+  )
+  assert from_stats.keys() == {"fid", "sfid", "provenance"}
+  assert "kid_subset_size" not in from_stats["provenance"]
+  # Statistics saved with one pipeline are refused by another.
   with pytest.raises(EvaluationError, match="resize_rule"):
     metrics.evaluate(images, saved, weights, resize_rule="pytorch_bilinear", progress=False)
 
