@@ -35,7 +35,8 @@ def adversarial_target(
 
   x_t + δ = sqrt(ᾱ_t)·x_0 + σ_t·(ε + δ/σ_t), so the noise of the perturbed point is ε + δ/σ_t
   and its implied x_0 is unchanged. "delta_detach" stops the gradient through δ in the target
-  (the authors' default), "delta" keeps it, "original" keeps the target ε.
+  (the authors' default), "delta" keeps it, "original" keeps the target ε. The VLB term's x_t
+  of each type is `vlb_input`.
   """
   if target_type == "original":
     return noise
@@ -52,6 +53,22 @@ def input_perturbation_noise(noise: jax.Array, key: jax.Array, gamma: float) -> 
   return noise + gamma * jax.random.normal(key, noise.shape, noise.dtype)
 
 
+def vlb_input(x_t: jax.Array, delta: jax.Array, target_type: str) -> jax.Array:
+  """The x_t that ADM's VLB term sees for `target_type` (PAPER.md §3, AdvGaussianDiffusion).
+
+  It enters q(x_{t−1} | x_t, x_0) and the model mean μ_θ(x_t, ε_θ) inside the VLB (the network
+  output itself always comes from x_t + δ): "delta_detach" — sg[x_t + δ]; "delta" — x_t + δ
+  with the gradient to δ kept; "original" — the clean x_t.
+  """
+  if target_type == "delta_detach":
+    return jax.lax.stop_gradient(x_t + delta)
+  if target_type == "delta":
+    return x_t + delta
+  if target_type == "original":
+    return jax.lax.stop_gradient(x_t)
+  raise ValueError(f"unknown target type {target_type!r}; use one of {TARGET_TYPES}")
+
+
 def diffusion_loss(
     params: Any,
     delta: jax.Array | None,
@@ -66,19 +83,21 @@ def diffusion_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Importance-weighted mean of ADM's per-example loss at input x_t + δ (δ = None: clean).
 
-  With learned variance the VLB term sees the detached perturbed input and the frozen mean
-  output (ADM's hybrid loss, as the authors apply it to x_t + δ).
+  The ε-MSE compares ε_θ(x_t + δ) with `adversarial_target`. With learned variance the VLB term
+  takes the frozen mean output of the same forward pass and the x_t of `vlb_input` (PAPER.md §3):
+  sg[x_t + δ] ("delta_detach", the default), x_t + δ ("delta") or the clean x_t ("original").
   """
   if delta is None:
-    x_in, target = inputs.x_t, inputs.noise
+    x_in, target, x_vlb = inputs.x_t, inputs.noise, jax.lax.stop_gradient(inputs.x_t)
   else:
     x_in = inputs.x_t + delta
     target = adversarial_target(inputs.noise, delta, inputs.sigma, target_type)
+    x_vlb = vlb_input(inputs.x_t, delta, target_type)
   output = apply_fn(params, x_in, diffusion.model_timesteps(inputs.t), inputs.labels, dropout_key)
   terms = diffusion.training_losses(
       output.astype(jnp.float32),
       inputs.x_start,
-      jax.lax.stop_gradient(x_in),
+      x_vlb,  # only the VLB term reads x_t; the MSE reads the output and the target
       inputs.t,
       target,
       learn_sigma=learn_sigma,

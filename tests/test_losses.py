@@ -94,26 +94,25 @@ def test_delta_gradient_matches_finite_differences(target_type):
   grad_fn = jax.jit(jax.grad(lambda d: _loss(target_type, params, d, inputs, diffusion, apply_fn)))
   grad = grad_fn(delta0)
 
-  # The reference differentiates the network input only: the VLB term's x_t stays at the
-  # detached x_t + δ0 and, for delta_detach, the target stays at ε + δ0/σ_t ("delta" lets the
-  # target move with δ as well). ADM's hybrid loss also freezes the ε channels inside the VLB
-  # term, so the reference holds those at their δ0 values and lets only the variance move.
+  # The reference differentiates the network input; for delta_detach the VLB term's x_t stays
+  # at the detached x_t + δ0 and the target at ε + δ0/σ_t, while "delta" lets both move with δ
+  # (PAPER.md §3). ADM's hybrid loss also freezes the ε channels inside the VLB term, so the
+  # reference holds those at their δ0 values and lets only the variance move.
   channels = inputs.x_t.shape[-1]
   out0 = apply_fn(params, inputs.x_t + delta0, diffusion.model_timesteps(inputs.t), None, None)
 
   @jax.jit
   def reference(d):
-    target = losses.adversarial_target(
-        inputs.noise, d if target_type == "delta" else delta0, inputs.sigma, "delta"
-    )
+    moving = d if target_type == "delta" else delta0
+    target = losses.adversarial_target(inputs.noise, moving, inputs.sigma, "delta")
     out = apply_fn(params, inputs.x_t + d, diffusion.model_timesteps(inputs.t), None, None)
     mixed = jnp.concatenate([out0[..., :channels], out[..., channels:]], axis=-1)
     kwargs = dict(learn_sigma=True, loss_type="rescaled_mse")
     mse = diffusion.training_losses(
-        out, inputs.x_start, inputs.x_t + delta0, inputs.t, target, **kwargs
+        out, inputs.x_start, inputs.x_t + moving, inputs.t, target, **kwargs
     )["mse"]
     vb = diffusion.training_losses(
-        mixed, inputs.x_start, inputs.x_t + delta0, inputs.t, target, **kwargs
+        mixed, inputs.x_start, inputs.x_t + moving, inputs.t, target, **kwargs
     )["vb"]
     return jnp.mean((mse + vb) * inputs.weights)
 
@@ -132,6 +131,88 @@ def test_delta_gradient_matches_finite_differences(target_type):
       delta0
   )
   assert float(jnp.linalg.norm(other - grad)) > 0.05 * float(jnp.linalg.norm(grad))
+
+
+# ---------------------------------------------------------------------------------------------
+# The VLB term of the three target types (PAPER.md §3, the authors' AdvGaussianDiffusion)
+# ---------------------------------------------------------------------------------------------
+
+
+def _terms(target_type, params, delta, inputs, diffusion, apply_fn):
+  return losses.diffusion_loss(
+      params,
+      delta,
+      inputs,
+      jax.random.key(0),
+      apply_fn=apply_fn,
+      diffusion=diffusion,
+      learn_sigma=True,
+      loss_type="rescaled_mse",
+      target_type=target_type,
+  )[1]
+
+
+def test_vlb_term_sees_the_clean_x_t_for_original_and_the_perturbed_one_otherwise():
+  config, diffusion, params, inputs, apply_fn = _tiny_setup()
+  delta = _random(inputs.x_t.shape, seed=11, scale=0.05)
+  out = apply_fn(params, inputs.x_t + delta, diffusion.model_timesteps(inputs.t), None, None)
+  kwargs = dict(learn_sigma=True, loss_type="rescaled_mse")
+  # "original": ADM's terms with the output at x_t + δ, the target ε and the CLEAN x_t.
+  expected = diffusion.training_losses(
+      out, inputs.x_start, inputs.x_t, inputs.t, inputs.noise, **kwargs
+  )
+  got = _terms("original", params, delta, inputs, diffusion, apply_fn)
+  for name in ("vb", "mse", "loss"):
+    np.testing.assert_allclose(got[name], expected[name], rtol=1e-6, atol=1e-7)
+  # "delta_detach" and "delta": the same output with x_t + δ (equal values, gradients differ).
+  shifted = losses.adversarial_target(inputs.noise, delta, inputs.sigma, "delta")
+  perturbed = diffusion.training_losses(
+      out, inputs.x_start, inputs.x_t + delta, inputs.t, shifted, **kwargs
+  )
+  for target_type in ("delta_detach", "delta"):
+    got = _terms(target_type, params, delta, inputs, diffusion, apply_fn)
+    for name in ("vb", "mse", "loss"):
+      np.testing.assert_allclose(got[name], perturbed[name], rtol=1e-6, atol=1e-7)
+  # The two VLB inputs give measurably different terms, so the checks above tell them apart.
+  assert float(jnp.max(jnp.abs(expected["vb"] - perturbed["vb"]))) > 1e-3
+
+
+def test_vlb_gradient_to_delta_flows_only_for_the_delta_target():
+  # With the network's own input gradient cut, every ∂vb/∂δ flows through the VLB's x_t (the
+  # posterior q(x_{t−1} | x_t, x_0) and μ_θ(x_t, ε_θ)): zero for "delta_detach" and "original",
+  # non-zero for "delta" (PAPER.md §3). Without the cut the variance channels carry a δ-gradient
+  # in all three, as in ADM's hybrid loss, which freezes only the mean output.
+  config, diffusion, params, inputs, unet_fn = _tiny_setup()
+
+  def apply_fn(p, x, ts, labels, key):
+    return unet_fn(p, jax.lax.stop_gradient(x), ts, labels, key)
+
+  delta0 = _random(inputs.x_t.shape, seed=12, scale=0.05)
+
+  def vb_grad(target_type):
+    vb = lambda d: jnp.sum(_terms(target_type, params, d, inputs, diffusion, apply_fn)["vb"])
+    return jax.jit(jax.grad(vb))(delta0)
+
+  for target_type in ("delta_detach", "original"):
+    assert float(jnp.max(jnp.abs(vb_grad(target_type)))) == 0.0, target_type
+  # "delta": the gradient of ADM's VLB term in its x_t argument, the output held fixed.
+  out0 = apply_fn(params, inputs.x_t + delta0, diffusion.model_timesteps(inputs.t), None, None)
+  expected = jax.grad(
+      lambda d: jnp.sum(
+          diffusion.training_losses(
+              out0,
+              inputs.x_start,
+              inputs.x_t + d,
+              inputs.t,
+              inputs.noise,
+              learn_sigma=True,
+              loss_type="rescaled_mse",
+          )["vb"]
+      )
+  )(delta0)
+  got = vb_grad("delta")
+  assert float(jnp.linalg.norm(got)) > 1e-2
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * float(jnp.max(jnp.abs(got))))
 
 
 def test_first_l2_ascent_direction_is_the_analytic_worst_case_of_a_linear_predictor():
