@@ -206,5 +206,6 @@ def pgd_search(
     loss, grad_delta = delta_loss_and_grad(delta, dropout_key)
     return ascent_step(delta, grad_delta, step_size, radius, norm), (loss, grad_delta)
 
-  delta, (losses, grad_deltas) = jax.lax.scan(ascend, delta0, dropout_keys)
+  # Unrolled like the replays (k is small): one program, and XLA's cost analysis counts every step.
+  delta, (losses, grad_deltas) = jax.lax.scan(ascend, delta0, dropout_keys, unroll=True)
   return delta, losses, grad_deltas

@@ -9,10 +9,9 @@ $MOCK_TFDS_EXAMPLES sets the number of examples per split (default 24).
 import os
 
 import tensorflow_datasets as tfds
-from absl import app
 
-import main
+from modes import cli
 
 if __name__ == "__main__":
   with tfds.testing.mock_data(num_examples=int(os.environ.get("MOCK_TFDS_EXAMPLES", "24"))):
-    app.run(main.main, flags_parser=main.parse_flags)
+    cli.run()
