@@ -163,6 +163,7 @@ def get_config() -> ml_collections.ConfigDict:
   # A non-finite loss or parameter after an update: "skip" drops the update (the state stays
   # as before the step; counted in `skipped_updates`), "stop" ends the run with one sentence.
   train.on_nonfinite = "skip"
+  train.max_consecutive_skips = 10  # "skip": stop after this many skipped steps in a row; 0 = never
   train.preemption_grace_seconds = 25.0  # after SIGTERM, save within this many seconds or exit 1
 
   # ---- sample generation (--mode=sample) ----------------------------------------------------

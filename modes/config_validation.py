@@ -176,9 +176,10 @@ def _validate_train(config) -> None:
   _check_int(config, "train.sample_grid_size", 1)
   if t.init_from_step < -1:
     _fail("train.init_from_step", t.init_from_step, "use -1 (latest) or a checkpoint step ≥ 0")
-  from modes.train import ON_NONFINITE
+  from modes.nonfinite import ON_NONFINITE
 
   _check_choice(config, "train.on_nonfinite", ON_NONFINITE)
+  _check_int(config, "train.max_consecutive_skips", 0)
   _check_float(config, "train.preemption_grace_seconds", 0.0, 86400.0, low_open=True)
 
 

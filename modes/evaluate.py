@@ -96,6 +96,34 @@ def samples_path(config: ml_collections.ConfigDict, workdir: str) -> str:
   return os.path.join(directory, candidates[-1])
 
 
+def load_samples(path: str) -> np.ndarray:
+  """The images `arr_0` of a sample npz, at least 2 of them, or one sentence (before Inception)."""
+  from modes.errors import UserFacingError
+
+  hint = (
+      "pass an .npz written by --mode=sample (uint8 images in arr_0) as config.evaluation.samples"
+  )
+  if not os.path.isfile(path):
+    raise UserFacingError(f"the sample file {path} does not exist; {hint}.")
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      if not hasattr(data, "files") or "arr_0" not in data.files:
+        raise UserFacingError(f"the sample file {path} holds no array arr_0; {hint}.")
+      samples = data["arr_0"]
+  except UserFacingError:
+    raise
+  except Exception as exc:  # noqa: BLE001 - a text file, a pickle, a truncated zip: unreadable
+    raise UserFacingError(
+        f"the sample file {path} is not a readable numpy .npz ({type(exc).__name__}); {hint}."
+    ) from exc
+  if samples.ndim == 4 and samples.shape[0] < 2:  # other shapes: evaluation's image checks
+    raise UserFacingError(
+        f"the sample file {path} holds {samples.shape[0]} image(s) but FID needs at least 2 (a "
+        "covariance); generate more with --mode=sample (config.sampling.num_samples ≥ 2)."
+    )
+  return samples
+
+
 def evaluate_samples(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Scores a sample set against the reference statistics and writes the JSON record."""
   validate_config(config, "eval")
@@ -109,8 +137,7 @@ def evaluate_samples(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "with --mode=fid_stats and the same config."
     )
   path = samples_path(config, workdir)
-  with np.load(path, allow_pickle=False) as data:
-    samples = data["arr_0"]
+  samples = load_samples(path)
   provenance = {"samples_file": os.path.abspath(path)}
   sidecar = os.path.splitext(path)[0] + ".json"
   if os.path.isfile(sidecar):  # written by --mode=sample: step, EMA or raw, sampler, rounding

@@ -7,6 +7,7 @@ from typing import Any
 import ml_collections
 
 from modes import checkpoint as ckpt_lib
+from modes import run_config
 from modes.errors import CheckpointError, ConfigError
 
 
@@ -21,19 +22,14 @@ def teacher_ema_count(teacher_workdir: str, default: int) -> int:
 
 def check_teacher_model(config: ml_collections.ConfigDict) -> None:
   """One sentence when the teacher run's network settings differ from this config's."""
-  path = os.path.join(config.consistency.teacher, "config.json")
-  if not os.path.exists(path):
+  saved = run_config.read_config(config.consistency.teacher)
+  if saved is None:
     return
-  with open(path) as f:
-    teacher_model = json.load(f)["model"]
-  ours = json.loads(config.model.to_json_best_effort())
-  differ = sorted(
-      k
-      for k in ours
-      if k in teacher_model
-      and teacher_model[k] != ours[k]
-      and k not in ("dropout", "compute_dtype", "remat")
-  )
+  differ = [
+      k.split(".", 1)[1]
+      for k in run_config.shape_keys_that_differ(config, saved)
+      if k.startswith("model.")
+  ]
   if differ:
     raise ConfigError(
         f"config.model differs from the teacher run {config.consistency.teacher} "

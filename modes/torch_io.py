@@ -12,6 +12,8 @@ only here, when one of these modes runs.
 import json
 import os
 import re
+import warnings
+import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -52,6 +54,15 @@ def _first_line(exc: BaseException) -> str:
   return (lines[0] if lines else type(exc).__name__)[:200]
 
 
+def _unreadable_reason(path: str, exc: BaseException) -> str:
+  """Why torch.load refused `path`, in a few words (torch's own text runs over many lines)."""
+  if "Weights only load failed" in str(exc):
+    return "it holds Python objects besides tensors, which are not unpickled for safety"
+  if not zipfile.is_zipfile(path):
+    return "it is neither a torch.save zip archive nor a tensor pickle"
+  return _first_line(exc)
+
+
 def step_from_filename(path: str) -> int:
   """The training step in a guided-diffusion file name (`model250000.pt` → 250000), else 0."""
   found = _STEP_IN_NAME.match(os.path.basename(path))
@@ -67,11 +78,13 @@ def load_state_dict(path: str) -> Mapping[str, Any]:
         "guided-diffusion model or EMA .pt file."
     )
   try:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
+      warnings.simplefilter("ignore")
+      state = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as exc:  # noqa: BLE001 - pickle, zip and torch errors all mean "unreadable"
     raise CheckpointError(
-        f"the torch checkpoint {path} could not be read ({_first_line(exc)}); "
-        "pass a state dict saved with torch.save."
+        f"the torch checkpoint {path} could not be read ({_unreadable_reason(path, exc)}); "
+        "pass a guided-diffusion state dict saved with torch.save."
     ) from exc
   if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
     raise CheckpointError(

@@ -27,11 +27,11 @@ from evaluation.inception import file_sha256
 from modes import checkpoint as ckpt_lib
 from modes import data as data_lib
 from modes import images as image_lib
-from modes import parallel
+from modes import nonfinite, parallel
+from modes import run_config
 from modes.sample_grid import make_grid_sampler
 from modes import teacher as teacher_lib
 from modes.config_validation import validate_config
-from modes.errors import NonFiniteError
 from modes.factories import (
     create_diffusion,
     create_optimizer,
@@ -42,7 +42,7 @@ from modes.factories import (
 from modes.preemption import PreemptionWatcher
 from modes.workdir import check_free_space, check_workdir_writable
 
-ON_NONFINITE = ("skip", "stop")  # train.on_nonfinite: drop such a minibatch, or end the run
+ON_NONFINITE = nonfinite.ON_NONFINITE  # train.on_nonfinite (validated in config_validation)
 
 # The library's step maths, re-exported for the modes and benchmarks that build states.
 preprocess_images = step_lib.preprocess_images
@@ -147,11 +147,6 @@ def compile_train_step(
 # ---------------------------------------------------------------------------------------------
 
 
-def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-
-
 def _host_scalars(metrics: dict[str, jax.Array]) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
@@ -211,38 +206,6 @@ def _state_bytes(state: TrainState) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
 
 
-def _check_finite(
-    step: int,
-    metrics: dict[str, jax.Array],
-    config: ml_collections.ConfigDict,
-    seen_skips: int,
-    *,
-    saving: bool,
-) -> int:
-  """Acts on the non-finite counters of `metrics` (from step `step`); returns the skip count.
-
-  A skipped update is logged ("skip") or ends the run ("stop"); a non-finite state (only
-  possible when it started that way) ends the run before it could be checkpointed.
-  """
-  skips = int(metrics["skipped_updates"])
-  if saving and not bool(metrics["params_finite"]):
-    raise NonFiniteError(
-        f"the parameters are not finite at step {step}, so no checkpoint was written; check the "
-        "weights this run started from (config.train.init_from) or its last good checkpoint."
-    )
-  if skips > seen_skips:
-    if config.train.on_nonfinite == "stop":
-      raise NonFiniteError(
-          f"step {step} produced a non-finite loss or update (config.train.on_nonfinite = "
-          "'stop'); lower config.optim.learning_rate or set config.optim.grad_clip_norm, or "
-          "use on_nonfinite = 'skip' to drop such minibatches."
-      )
-    logging.warning(
-        "Step %d: non-finite loss or update; minibatch skipped (%d skipped so far).", step, skips
-    )
-  return skips
-
-
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains to `config.train.num_steps`, resuming from `workdir` when it holds checkpoints.
 
@@ -253,11 +216,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   parallel.check_batch_divisible(config.train.batch_size, mesh)
   is_main = jax.process_index() == 0
   check_workdir_writable(workdir)
-  if is_main:
-    _write_config(config, workdir)
-
   t = config.train
   resuming = bool(ckpt_lib.checkpoint_steps(ckpt_lib.checkpoint_dir(workdir)))
+  if resuming:  # before config.json is overwritten and before orbax reads any shape
+    run_config.check_resume_config(config, workdir)
+  if is_main:
+    run_config.write_config(config, workdir)
+
   if t.init_from and not resuming:
     # Fail before loading data or compiling when the run to start from is missing.
     ckpt_lib.require_checkpoint(t.init_from, t.init_from_step, t.init_from_command)
@@ -309,7 +274,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     logging.info("LPIPS-VGG weights: %s (sha256 %s).", lpips_path, file_sha256(lpips_path))
   state = restore_or_init(config, state, checkpointer, teacher_params)
   start_step = int(state.step)
-  seen_skips = int(state.skipped_updates)
+  skips = nonfinite.SkipCounter(seen=int(state.skipped_updates))
+  check = functools.partial(nonfinite.check_finite, config=config, counter=skips)
 
   # clu's writers import TensorFlow (~3 s): only the train loop pays for it, not the modes
   # (sample, eval, table, import) that import this module for its state and params helpers.
@@ -332,7 +298,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
       batch = parallel.global_batch_from_local(next(batches), mesh)
       state, metrics = step_fn(state, batch, step_key, teacher_params, lpips_params)
       if previous is not None:
-        seen_skips = _check_finite(*previous, config, seen_skips, saving=False)
+        check(*previous, saving=False, last_checkpoint=checkpointer.latest_step)
       previous = (step, metrics)
       report(step, time.time())
       if window_start is None:  # the first step compiles; time the steady state only
@@ -350,7 +316,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         window_start, window_steps = time.perf_counter(), 0
       preempted = preemption.should_stop(step)
       if preempted or step % t.checkpoint_every == 0 or step == t.num_steps:
-        seen_skips = _check_finite(step, metrics, config, seen_skips, saving=True)
+        check(step, metrics, saving=True, last_checkpoint=checkpointer.latest_step)
         checkpointer.save(step, state, force=True)
       if preempted:
         checkpointer.wait()
@@ -371,7 +337,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         window_start = None  # do not count sampling time in steps/s
     else:
       if previous is not None:
-        _check_finite(*previous, config, seen_skips, saving=False)
+        check(*previous, saving=False, last_checkpoint=checkpointer.latest_step)
       if is_main:
         with open(os.path.join(workdir, "train_done.json"), "w") as f:
           json.dump({"step": int(state.step), "skipped_updates": int(state.skipped_updates)}, f)

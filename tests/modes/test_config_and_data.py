@@ -81,6 +81,12 @@ def test_cifar10_config_is_the_papers_recipe():
         ("evaluation.resize_rule", "bicubic"),
         ("evaluation.max_reference_images", 1),
         ("evaluation.fid_method", "newton"),
+        ("optim.learning_rate", float("nan")),
+        ("optim.grad_clip_norm", float("inf")),
+        ("adversarial.radius", float("nan")),
+        ("diffusion.input_perturbation", float("inf")),
+        ("train.preemption_grace_seconds", float("nan")),
+        ("train.max_consecutive_skips", -1),
     ],
 )
 def test_bad_values_name_the_key(key, value):
@@ -116,6 +122,19 @@ def test_cli_errors_are_one_sentence(tmp_path):
   run_utils.assert_one_sentence_error(
       no_clean_run, "no checkpoint found", "python main.py --config=configs/cifar10_adm.py"
   )
+
+
+def test_nan_setting_and_broken_config_files_are_one_sentence(tmp_path):
+  nan = run_utils.run_main(str(tmp_path / "a"), "--config.optim.learning_rate=nan", check=False)
+  run_utils.assert_one_sentence_error(nan, "config.optim.learning_rate = nan", "finite number")
+  syntax = tmp_path / "bad_syntax.py"
+  syntax.write_text("def get_config(:\n  pass\n")
+  result = run_utils.run_main(str(tmp_path / "b"), config=str(syntax), check=False)
+  run_utils.assert_one_sentence_error(result, str(syntax), "SyntaxError at line 1", "fix that")
+  name = tmp_path / "bad_name.py"
+  name.write_text("from configs import default\n\n\ndef get_config():\n  return defaults\n")
+  result = run_utils.run_main(str(tmp_path / "c"), config=str(name), check=False)
+  run_utils.assert_one_sentence_error(result, "NameError at line 5", "'defaults'")
 
 
 def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):

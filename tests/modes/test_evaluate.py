@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 from modes import data as data_lib
-from evaluation import convert_inception, fid
+from modes import evaluate, statistics_file
+from modes.errors import UserFacingError
+from evaluation import convert_inception, fid, inception, metrics
+from evaluation.errors import EvaluationError
 from tests import run_utils
 
 
@@ -62,3 +65,53 @@ def test_eval_without_reference_is_one_sentence(tmp_path, weights):
   assert result.returncode == 1 and "Traceback" not in result.stderr
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("Error: ") and "--mode=fid_stats" in last
+
+
+def test_bad_sample_files_are_one_sentence_before_inception(tmp_path):
+  garbage = tmp_path / "garbage.npz"
+  garbage.write_text("not an npz\n")
+  reference = tmp_path / "reference.npz"  # only checked to exist: the samples fail first
+  reference.write_text("")
+  result = run_utils.run_main(
+      str(tmp_path / "run"),
+      "--mode=eval",
+      f"--config.evaluation.samples={garbage}",
+      f"--config.evaluation.reference={reference}",
+      check=False,
+  )
+  run_utils.assert_one_sentence_error(result, str(garbage), "not a readable numpy .npz")
+  assert "allow_pickle" not in result.stderr
+  one = tmp_path / "one.npz"
+  np.savez(one, arr_0=data_lib.load_dataset("digits").images[:1])
+  with pytest.raises(UserFacingError, match="holds 1 image.*at least 2"):
+    evaluate.load_samples(str(one))
+  other = tmp_path / "other.npz"
+  np.savez(other, images=np.zeros((4, 16, 16, 1), np.uint8))
+  with pytest.raises(UserFacingError, match="holds no array arr_0"):
+    evaluate.load_samples(str(other))
+
+
+def test_reference_of_other_features_and_wrong_weights_are_one_sentence(tmp_path, weights):
+  loaded = inception.load_inception_weights(weights)
+  assert loaded.sha256 == inception.FID_HELPER_SHA256  # what convert_inception writes
+  rng = np.random.default_rng(0)
+  small = fid.FIDStatistics(rng.standard_normal(64), np.eye(64), 10)  # pytorch-fid's 64-d block
+  path = str(tmp_path / "stats64.npz")
+  statistics_file.save_statistics(path, small)
+  images = data_lib.load_dataset("digits").images[:2]
+  with pytest.raises(EvaluationError, match="hold 64-d features but FID uses Inception's 2048-d"):
+    metrics.evaluate(images, path, loaded, progress=False)
+  garbage = tmp_path / "garbage.npz"
+  garbage.write_text("x")
+  with pytest.raises(EvaluationError, match="is not a readable numpy .npz"):
+    metrics.evaluate(images, str(garbage), loaded, progress=False)
+  # The right arrays with one value changed: the hash tells these weights are not the FID's.
+  with np.load(weights) as data:
+    flat = {k: data[k] for k in data.files}
+  flat["Conv2d_1a_3x3/bn_beta"] = flat["Conv2d_1a_3x3/bn_beta"] + 1e-3
+  tampered = str(tmp_path / "tampered.npz")
+  convert_inception.write_npz_deterministic(tampered, flat)
+  with pytest.raises(EvaluationError) as info:
+    inception.load_inception_weights(tampered)
+  assert "sha256" in str(info.value) and "convert_inception" in str(info.value)
+  assert str(info.value).count("\n") == 0

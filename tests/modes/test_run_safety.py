@@ -15,8 +15,8 @@ import pytest
 
 from modes import checkpoint as ckpt_lib
 from modes import data as data_lib
-from modes import parallel, train
-from modes.errors import UserFacingError
+from modes import nonfinite, parallel, train
+from modes.errors import NonFiniteError, UserFacingError
 from modes.factories import create_unet
 from modes.workdir import check_free_space
 from tests import run_utils
@@ -198,17 +198,93 @@ def test_nonfinite_policy_of_the_loop():
   skipped = {"skipped_updates": np.int32(1), "params_finite": np.bool_(True)}
   for mode in ("skip", "stop"):
     config.train.on_nonfinite = mode
-    assert train._check_finite(5, finite, config, 0, saving=True) == 0
+    counter = nonfinite.SkipCounter(seen=0)
+    nonfinite.check_finite(5, finite, config, counter, saving=True)
+    assert (counter.seen, counter.in_a_row) == (0, 0)
   config.train.on_nonfinite = "skip"
-  assert train._check_finite(5, skipped, config, 0, saving=True) == 1  # logged, goes on
+  counter = nonfinite.SkipCounter(seen=0)
+  nonfinite.check_finite(5, skipped, config, counter, saving=True)  # logged, goes on
+  assert (counter.seen, counter.in_a_row) == (1, 1)
   config.train.on_nonfinite = "stop"
   with pytest.raises(UserFacingError, match="step 5 produced a non-finite loss or update"):
-    train._check_finite(5, skipped, config, 0, saving=False)
-  assert train._check_finite(6, skipped, config, 1, saving=False) == 1  # already reported
+    nonfinite.check_finite(5, skipped, config, nonfinite.SkipCounter(seen=0), saving=False)
+  counter = nonfinite.SkipCounter(seen=1, last_step=5)
+  nonfinite.check_finite(6, skipped, config, counter, saving=False)  # already reported
   bad_state = {"skipped_updates": np.int32(1), "params_finite": np.bool_(False)}
-  assert train._check_finite(6, bad_state, config, 1, saving=False) == 1
-  with pytest.raises(UserFacingError, match="not finite at step 6, so no checkpoint"):
-    train._check_finite(6, bad_state, config, 1, saving=True)
+  nonfinite.check_finite(7, bad_state, config, counter, saving=False)
+  with pytest.raises(UserFacingError, match="not finite at step 8, so no checkpoint"):
+    nonfinite.check_finite(8, bad_state, config, counter, saving=True)
+
+
+def _metrics(skips: int) -> dict:
+  return {"skipped_updates": np.int32(skips), "params_finite": np.bool_(True)}
+
+
+def test_consecutive_skips_are_counted_exactly_and_capped():
+  config = tiny_digits.get_config()
+  config.train.max_consecutive_skips = 3
+  counter = nonfinite.SkipCounter(seen=0)
+  check = lambda step, skips: nonfinite.check_finite(  # noqa: E731
+      step, _metrics(skips), config, counter, saving=False, last_checkpoint=lambda: 4
+  )
+  # Skips at steps 1, 2, a good step 3 resets the streak, skips at 4, 5 (step 5 read twice, as
+  # at a checkpoint and then by the loop, counts once), and the third in a row, 6, stops.
+  for step, skips in ((1, 1), (2, 2), (3, 2), (4, 3), (5, 4), (5, 4)):
+    check(step, skips)
+  assert (counter.seen, counter.in_a_row) == (4, 2)
+  with pytest.raises(NonFiniteError) as info:
+    check(6, 5)
+  message = str(info.value)
+  assert "last 3 steps (up to step 6)" in message and "checkpoint step 4 kept" in message
+  assert message.count("\n") == 0
+  config.train.max_consecutive_skips = 0  # no cap
+  counter = nonfinite.SkipCounter(seen=0)
+  for step in range(1, 50):
+    check(step, step)
+  assert counter.in_a_row == 49
+
+
+def test_a_run_of_nonfinite_steps_stops_and_keeps_its_checkpoints(three_checkpoints, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(three_checkpoints, workdir)
+  # ADM-IP noise of γ = 1e30 makes the VLB term infinite at every step: every update skipped.
+  result = run_utils.run_main(
+      workdir,
+      "--config.train.num_steps=10",
+      "--config.diffusion.input_perturbation=1e30",
+      "--config.train.max_consecutive_skips=2",
+      check=False,
+  )
+  run_utils.assert_one_sentence_error(
+      result, "last 2 steps (up to step 5)", "max_consecutive_skips = 2", "checkpoint step 3 kept"
+  )
+  assert ckpt_lib.checkpoint_steps(os.path.join(workdir, "checkpoints")) == [1, 2, 3]
+  restored = run_utils.read_checkpoint(workdir, 3)
+  original = run_utils.read_checkpoint(three_checkpoints, 3)
+  assert run_utils.max_abs_diff(original, restored) == 0.0
+
+
+def test_resuming_with_other_network_settings_names_them(three_checkpoints, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(three_checkpoints, workdir)
+  with open(os.path.join(workdir, "config.json")) as f:
+    before = f.read()
+  result = run_utils.run_main(
+      workdir,
+      "--config.train.num_steps=4",
+      "--config.model.num_channels=64",
+      "--config.data.num_classes=10",
+      "--config.model.dropout=0.3",  # changes no shape: not named
+      check=False,
+  )
+  run_utils.assert_one_sentence_error(
+      result, "model.num_channels = 32 there, 64 here", "data.num_classes = 0 there, 10 here"
+  )
+  assert "dropout" not in result.stderr.strip().splitlines()[-1]
+  assert "orbax" not in result.stderr.lower()
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert f.read() == before  # the workdir's record of its settings is kept
+  assert ckpt_lib.checkpoint_steps(os.path.join(workdir, "checkpoints")) == [1, 2, 3]
 
 
 def test_unwritable_workdir_is_one_sentence(tmp_path):

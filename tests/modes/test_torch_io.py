@@ -270,6 +270,34 @@ def test_missing_or_unreadable_file_is_one_sentence(tmp_path):
     torch_io.export_torch_checkpoint(config, str(tmp_path / "run"))
 
 
+class _NotATensor:
+  """A pickled object that torch.load(weights_only=True) refuses."""
+
+
+def test_a_file_that_is_not_a_state_dict_is_one_sentence_of_ours(tmp_path):
+  text = tmp_path / "notes.pt"
+  text.write_text("these are not weights\n")
+  with pytest.raises(CheckpointError) as info:
+    torch_io.load_state_dict(str(text))
+  assert "neither a torch.save zip archive nor a tensor pickle" in str(info.value)
+  objects = tmp_path / "objects.pt"
+  torch.save({"model": _NotATensor()}, objects)
+  with pytest.raises(CheckpointError) as info:
+    torch_io.load_state_dict(str(objects))
+  message = str(info.value)
+  assert "Python objects besides tensors" in message and "weights_only" not in message
+  assert message.count("\n") == 0
+  result = run_utils.run_main(
+      str(tmp_path / "run"),
+      "--mode=import_torch",
+      f"--config.torch_io.checkpoint={objects}",
+      config=TINY_IMAGENET,
+      check=False,
+  )
+  run_utils.assert_one_sentence_error(result, str(objects), "Python objects besides tensors")
+  assert "weights_only" not in result.stderr and "Weights only" not in result.stderr
+
+
 # ---------------------------------------------------------------------------- end to end
 
 
