@@ -182,6 +182,11 @@ def get_config() -> ml_collections.ConfigDict:
   # dpm_solver++); unclipped, x_0 = (x_t − σ_t·ε)/α_t blows ε errors up by 1/α_t near t = T
   sampling.eps_scale = 1.017  # ADM-ES ε divisor (ancestral_es only; 1.017 = paper, CIFAR-10)
   sampling.eta = 0.0  # DDIM η (ddim only): 0 = deterministic ODE, 1 = DDPM-like noise
+  sampling.dpm_t_start = 1.0  # DPM-Solver(++) start time in (0, 1] (the authors' script: 0.992)
+  sampling.dpm_truncate_cosine_like_reference = (
+      False  # the reference code's 996-knot cosine grid and N = 996 time map
+  )
+  sampling.preset = ""  # "" | "authors": dpm_solver++ as the authors ran it (t_start 0.992, 996-knot map, no x_0 clipping)
 
   # ---- evaluation (--mode=fid_stats, --mode=eval) -----------------------------------------
   config.evaluation = evaluation = ml_collections.ConfigDict()

@@ -12,4 +12,5 @@ def get_config():
   config = cifar10_adm.get_config()
   config.table.runs = "ADM=runs/cifar10_adm,ADM-IP=runs/cifar10_ip,ADM-AT=runs/cifar10_at"
   config.sampling.batch_size = 500
+  config.sampling.preset = "authors"  # DPM-Solver++ as the paper's script ran it (PAPER.md §7)
   return config

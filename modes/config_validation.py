@@ -335,11 +335,15 @@ def _validate_sampling(config) -> None:
         f"use an index below the {len(config.train.ema_rates)} rate(s) of train.ema_rates",
     )
   _check_int(config, "sampling.checkpoint_step", -1)
-  for key in ("use_ema", "clip_denoised"):
+  for key in ("use_ema", "clip_denoised", "dpm_truncate_cosine_like_reference"):
     if not isinstance(s[key], bool):
       _fail(f"sampling.{key}", s[key], "use True or False")
   _check_float(config, "sampling.eps_scale", 0.0, float("inf"), low_open=True)
   _check_float(config, "sampling.eta", 0.0, float("inf"))
+  _check_float(config, "sampling.dpm_t_start", 0.0, 1.0, low_open=True)
+  from modes.sample import PRESETS
+
+  _check_choice(config, "sampling.preset", PRESETS)
 
 
 def _validate_evaluation(config) -> None:

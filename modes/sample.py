@@ -43,6 +43,16 @@ def sample_tag(config: ml_collections.ConfigDict, step: int) -> str:
   return f"{s.method}_nfe{s.nfe}_step{step}_{'ema' if s.use_ema else 'raw'}_seed{s.seed}"
 
 
+# sampling.preset → the dpm_solver++ options it fixes. "authors": the settings of the paper's
+# sampling script (PAPER.md §7): t_start 0.992, the reference code's 996-knot cosine truncation
+# and time mapping, no x_0 clipping. Presets touch dpm_solver++ only: a table's other samplers
+# keep their own settings.
+PRESETS = {
+    "": {},
+    "authors": dict(t_start=0.992, truncate_cosine_like_reference=True, clip_denoised=False),
+}
+
+
 def sampler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The `make_sampler` options of `config.sampling.method` taken from the config."""
   s = config.sampling
@@ -53,8 +63,16 @@ def sampler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return opts
   if s.method == "ddim":
     return dict(eta=s.eta, clip_denoised=s.clip_denoised)
-  if s.method == "dpm_solver++":
-    return dict(clip_denoised=s.clip_denoised)
+  if s.method in ("dpm_solver", "dpm_solver++"):
+    opts = dict(
+        t_start=s.dpm_t_start,
+        truncate_cosine_like_reference=s.dpm_truncate_cosine_like_reference,
+    )
+    if s.method == "dpm_solver++":
+      opts["clip_denoised"] = s.clip_denoised
+      if s.preset == "authors":
+        opts.update(PRESETS["authors"])
+    return opts
   if s.method == "consistency":
     cm = config.consistency
     return dict(

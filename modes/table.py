@@ -257,12 +257,13 @@ def write_outputs(results: list[dict], out_dir: str) -> None:
 
 def plot_lines(
     series: dict[str, dict[float, float]], xlabel: str, path: str, *, log_x: bool
-) -> None:
-  """A PNG with one FID line per series (x → FID)."""
+) -> list[str]:
+  """A PNG with one FID line per series (x → FID); returns the x tick labels it drew."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
 
   fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
   for name, points in series.items():
@@ -270,10 +271,16 @@ def plot_lines(
     ax.plot(xs, [points[x] for x in xs], marker="o", label=name)
   if log_x:
     ax.set_xscale("log")
+  # Ticks at the measured x values, written as plain numbers (NFE 5, 10; not 5×10⁰).
+  ticks = sorted({x for points in series.values() for x in points})
+  ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+  ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
   ax.set_xlabel(xlabel)
   ax.set_ylabel("FID")
   ax.legend(fontsize=7)
   ax.grid(True, alpha=0.3)
   fig.tight_layout()
   fig.savefig(path)
+  labels = [t.get_text() for t in ax.get_xticklabels()]
   plt.close(fig)
+  return labels

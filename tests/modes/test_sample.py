@@ -13,7 +13,11 @@ import numpy as np
 import pytest
 
 from modes import sample as generate
+from modes.config_validation import validate_config
+from modes.errors import ConfigError
+from sampling.registry import make_sampler
 from tests import run_utils
+from tests.configs import tiny_digits
 
 TAG = "ddim_nfe3_step2_ema_seed0"
 SAMPLE = (
@@ -162,3 +166,34 @@ def test_bad_sampling_settings_are_one_sentence_errors(trained, tmp_path):
   run_utils.assert_one_sentence_error(too_few_steps, "config.sampling", "at least 3 model calls")
   untrained = run_utils.run_main(str(tmp_path / "untrained"), *SAMPLE, check=False)
   run_utils.assert_one_sentence_error(untrained, "no checkpoint found", "--mode=train")
+
+
+def test_the_authors_preset_reaches_dpm_solver_pp_and_only_it():
+  config = tiny_digits.get_config()
+  config.sampling.method = "dpm_solver++"
+  config.sampling.nfe = 5
+  assert generate.sampler_options(config) == dict(
+      t_start=1.0, truncate_cosine_like_reference=False, clip_denoised=True
+  )
+  config.sampling.preset = "authors"
+  authors = dict(t_start=0.992, truncate_cosine_like_reference=True, clip_denoised=False)
+  assert generate.sampler_options(config) == authors
+  # The preset changes the samples exactly as the explicit options do.
+  model_fn = lambda x, t: 0.3 * x + 1e-3 * t[:, None, None, None]  # noqa: E731
+  noise = jax.random.normal(jax.random.key(0), (2, 16, 16, 1))
+  preset = generate.build_sampler(config)(model_fn, noise)
+  explicit = make_sampler("dpm_solver++", 5, "cosine", 1000, **authors)(model_fn, noise)
+  np.testing.assert_array_equal(np.asarray(preset), np.asarray(explicit))
+  config.sampling.preset = ""
+  assert np.abs(np.asarray(generate.build_sampler(config)(model_fn, noise)) - preset).max() > 1e-3
+  # Other samplers of the same config keep their own settings.
+  config.sampling.preset, config.sampling.method = "authors", "ddim"
+  assert generate.sampler_options(config)["clip_denoised"] is True
+
+
+@pytest.mark.parametrize("key,value", [("preset", "paper"), ("dpm_t_start", 0.0)])
+def test_bad_dpm_settings_are_one_sentence(key, value):
+  config = tiny_digits.get_config()
+  config.sampling[key] = value
+  with pytest.raises(ConfigError, match=f"config.sampling.{key}"):
+    validate_config(config, "sample")

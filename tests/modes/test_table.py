@@ -126,3 +126,10 @@ def test_robustness_mode_fills_a_budget_table_and_attacks_the_trajectory(tmp_pat
   sets = {name: np.load(os.path.join(trained, "samples", name))["arr_0"] for name in samples}
   clean = next(v for k, v in sets.items() if "rho" not in k and "0.1" not in k)
   assert all(not np.array_equal(v, clean) for k, v in sets.items() if "0.1" in k)
+
+
+def test_plot_axes_read_as_the_measured_numbers(tmp_path):
+  series = {"ADM-AT / ddim": {5: 250.0, 10: 220.0}, "ADM / ddim": {5: 249.0, 10: 221.0}}
+  path = str(tmp_path / "fid_vs_nfe.png")
+  assert tables.plot_lines(series, "NFE", path, log_x=True) == ["5", "10"]
+  assert os.path.getsize(path) > 0
