@@ -23,6 +23,7 @@ from tests.configs import tiny_digits
 from tests.test_train_step import _step_setup
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIAS_STD = 0.01  # standard deviation of the random VGG conv biases of the reference trunk
 
 
 def _vgg16_stub(torch):
@@ -85,17 +86,19 @@ def reference(tmp_path_factory):
 
     torch.manual_seed(0)
     model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, version="0.1", verbose=False)
-  # torchvision VGG's own init (Kaiming-normal fan_out kernels, zero biases), redone here so
-  # that the stub and torchvision give the same trunk. With it every tap weighs in (measured at
-  # 32 px: 0.118, 0.035, 0.011, 0.0070, 0.0035); random biases large enough to matter make the
-  # deep features of random images nearly constant (tap 5 < 1e-6), so the bias mapping is
-  # checked array by array in test_converter_maps_every_array instead.
+  # torchvision VGG's kernel init (Kaiming-normal fan_out), redone here so that the stub and
+  # torchvision give the same trunk, and small random biases instead of torchvision's zeros, so
+  # that a forward that drops or misplaces a bias fails the parity test (issue 16). With
+  # N(0, 0.01²) biases every tap still weighs in (measured at 32 px, one unrelated pair: 0.116,
+  # 0.022, 0.0081, 0.0046, 0.0021) and the distances differ from the zero-bias trunk's by ~12%
+  # (0.153 against 0.175); biases of 0.3 make the deep features of random images nearly
+  # constant (tap 5: 1e-4).
   torch.manual_seed(0)
   with torch.no_grad():
     for module in model.net.modules():
       if isinstance(module, torch.nn.Conv2d):
         torch.nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        torch.nn.init.zeros_(module.bias)
+        torch.nn.init.normal_(module.bias, std=BIAS_STD)
   # lpips' `vgg16` keeps torchvision's indices inside slice1..slice5: slicek.N = features.N.
   vgg_state = {
       f"features.{k.split('.', 1)[1]}": v.clone() for k, v in model.net.state_dict().items()
@@ -130,13 +133,17 @@ def test_matches_the_lpips_package(reference, size, resize):
   params = lpips_jax.load_lpips_params(path)
   a, b = _images(1, (3, size, size, 3)), _images(2, (3, size, size, 3))
   b[0] = np.clip(a[0] + 0.05 * b[0], -1, 1)  # one close pair, two unrelated ones
-  ours = np.asarray(
-      jax.jit(lpips_jax.lpips_distance, static_argnames="resize")(params, a, b, resize=resize)
-  )
+  distance = jax.jit(lpips_jax.lpips_distance, static_argnames="resize")
+  ours = np.asarray(distance(params, a, b, resize=resize))
   theirs = _torch_lpips(model, a, b, resize)
   # Measured (CPU): max relative error 4.1e-7 (32 px), 4.6e-7 (64 px), 4.1e-7 (32 -> 64).
   assert np.all(theirs > 0) and theirs[0] < theirs[1]
   np.testing.assert_allclose(ours, theirs, rtol=1e-4)
+  # The biases weigh in: without them the distances are far outside the tolerance above.
+  unbiased = jax.tree_util.tree_map_with_path(
+      lambda path, v: np.zeros_like(v) if "bias" in jax.tree_util.keystr(path) else v, params
+  )
+  assert np.max(np.abs(np.asarray(distance(unbiased, a, b, resize=resize)) / theirs - 1)) > 0.01
 
 
 def test_identity_nonnegativity_grey_and_size_limit(reference):

@@ -24,10 +24,11 @@ from tests import run_utils
 from tests.configs import tiny_digits
 
 
-def _step_setup(tx=None, consistency: dict | None = None, **adv):
+def _step_setup(tx=None, consistency: dict | None = None, configure=None, **adv):
   """A tiny UNet, the step's settings, a train state, one batch and the jitted step for the
   given AT settings (`adv`: fields of `AdversarialSettings`) and `config.consistency`
-  overrides (the perturbed params then also start the target).
+  overrides (the perturbed params then also start the target); `configure(config)` edits any
+  other key of the tiny config first (optimizer, diffusion, model).
 
   `tx` replaces AdamW: tests that compare two computations of the same update use plain SGD,
   because Adam's first update is ±lr for any non-zero gradient and so blows float32 rounding
@@ -36,6 +37,8 @@ def _step_setup(tx=None, consistency: dict | None = None, **adv):
   config = tiny_digits.get_config()
   config.train.batch_size = 8
   config.consistency.update(consistency or {})
+  if configure is not None:
+    configure(config)
   settings = step_settings(config)
   settings = dataclasses.replace(
       settings, adversarial=dataclasses.replace(settings.adversarial, **adv)
@@ -217,3 +220,210 @@ def test_pgd_with_step_size_zero_is_plain_cd_and_target_follows_the_ema():
   # θ⁻ ← 0.95·θ⁻ + 0.05·θ after the update (config default μ = 0.95).
   expected_target = jax.tree.map(lambda t, p: 0.95 * t + 0.05 * p, state.target_params, a.params)
   assert run_utils.max_abs_diff(a.target_params, expected_target) <= 1e-6  # 1 ulp at |θ| ~ 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths real configs take (issue 16): ℓ∞ balls, random δ starts, the ddim_gap radius, warm-up,
+# gradient clipping and the importance sampler after its warm-up, all through `train_step`.
+# ---------------------------------------------------------------------------------------------
+
+
+def _apply_fn(model):
+  def apply_fn(p, x, ts, labels, k):
+    return model.apply({"params": p}, x, ts, labels, train=True, rngs={"dropout": k})
+
+  return apply_fn
+
+
+def _hand_loss(model, diffusion, settings, params, delta, inputs, dropout_key):
+  """The step's minibatch loss at δ, computed outside it."""
+  return losses.diffusion_loss(
+      params,
+      delta,
+      inputs,
+      dropout_key,
+      apply_fn=_apply_fn(model),
+      diffusion=diffusion,
+      learn_sigma=True,
+      loss_type="rescaled_mse",
+      target_type=settings.adversarial.target,
+  )[0]
+
+
+def test_linf_pgd_stays_in_the_box_and_ascends_by_sign():
+  # PGD-2 from δ = 0 (init "carry": the state's δ starts at zero and keeps the final δ), η = 0.06,
+  # ρ = 0.1: δ₁ = clip(η·sign(g₀), ±ρ), δ₂ = clip(δ₁ + η·sign(g₁), ±ρ) ∈ {0, ±ρ} per pixel.
+  eta, rho = 0.06, 0.1
+  settings, model, diffusion, _, state, batch, step = _step_setup(
+      mode="pgd", pgd_steps=2, step_size=eta, radius=rho, norm="linf", init="carry"
+  )
+  key = jax.random.key(7)
+  new, _ = step(_copy(state), batch, key)
+  delta = np.asarray(new.delta)
+  assert np.max(np.abs(delta)) <= rho * (1 + 1e-6)  # every pixel in the ℓ∞ ball
+  inputs, dropout_key = step_lib.minibatch_inputs(
+      state, batch, jax.random.fold_in(key, state.step), diffusion, settings
+  )
+  grad_delta = jax.jit(
+      jax.grad(lambda d, k: _hand_loss(model, diffusion, settings, state.params, d, inputs, k))
+  )
+  keys = [jax.random.fold_in(dropout_key, 10_000 + j) for j in range(2)]
+  d1 = jnp.clip(eta * jnp.sign(grad_delta(jnp.zeros_like(inputs.x_t), keys[0])), -rho, rho)
+  d2 = np.asarray(jnp.clip(d1 + eta * jnp.sign(grad_delta(d1, keys[1])), -rho, rho))
+  np.testing.assert_allclose(delta, d2, rtol=0, atol=1e-7)
+  # Both outcomes of a sign-based ascent occur: the clip at ±ρ and the cancellation to 0.
+  assert 0.2 < np.mean(np.abs(delta) > rho / 2) < 0.95
+
+
+def test_random_start_has_norm_sqrt_d_times_magnitude():
+  # Fast AT with K = 1: the one forward pass is at δ₀ itself, so the step's δ metrics and loss
+  # are those of the random start (ℓ2: a random direction of norm sqrt(d)·init_magnitude, inside
+  # the ball sqrt(d)·ρ so the projection leaves it).
+  magnitude, rho = 0.05, 0.1
+  settings, model, diffusion, _, state, batch, step = _step_setup(
+      mode="fast", num_replays=1, init="random", init_magnitude=magnitude, radius=rho
+  )
+  key = jax.random.key(11)
+  _, metrics = step(_copy(state), batch, key)
+  sqrt_d = np.sqrt(16 * 16 * 1)
+  # mean = max = sqrt(d)·m: every example's norm is sqrt(d)·m.
+  assert float(metrics["delta_l2_max"]) == pytest.approx(sqrt_d * magnitude, rel=1e-5)
+  assert float(metrics["delta_l2_mean"]) == pytest.approx(sqrt_d * magnitude, rel=1e-5)
+  # The loss is the loss at the δ₀ drawn from the step's own δ stream, not at δ = 0.
+  step_key = jax.random.fold_in(key, state.step)
+  inputs, dropout_key = step_lib.minibatch_inputs(state, batch, step_key, diffusion, settings)
+  delta0 = jax.random.normal(jax.random.fold_in(step_key, step_lib._DELTA_STREAM), inputs.x_t.shape)
+  delta0 = delta0 / jnp.sqrt(jnp.sum(delta0**2, axis=(1, 2, 3), keepdims=True)) * sqrt_d * magnitude
+  hand = jax.jit(
+      lambda d: _hand_loss(model, diffusion, settings, state.params, d, inputs, dropout_key)
+  )
+  assert float(metrics["loss"]) == pytest.approx(float(hand(delta0)), rel=1e-5)
+  assert abs(float(hand(delta0)) - float(hand(jnp.zeros_like(delta0)))) > 1e-4 * float(hand(delta0))
+
+
+def test_ddim_gap_radius_is_the_per_example_ball():
+  # One normalised ascent step far longer than the ball (η = 100) from δ = 0 lands on the sphere
+  # of each example's radius: ‖δ_i‖ = sqrt(d)·r_{t_i}, r_t = adversarial.ddim_gap_radius.
+  from adv_diffusion import adversarial
+
+  rho = 0.5
+  settings, _, diffusion, _, state, batch, step = _step_setup(
+      mode="fast",
+      num_replays=1,
+      init="carry",
+      step_size=100.0,
+      radius=rho,
+      radius_schedule="ddim_gap",
+  )
+  key = jax.random.key(13)
+  new, _ = step(_copy(state), batch, key)
+  inputs, _ = step_lib.minibatch_inputs(
+      state, batch, jax.random.fold_in(key, state.step), diffusion, settings
+  )
+  r_t = np.asarray(
+      adversarial.ddim_gap_radius(
+          diffusion.alphas_cumprod, inputs.t, rho, settings.adversarial.radius_grid_steps
+      )
+  )
+  norms = np.asarray(adversarial.per_example_norm(new.delta))
+  np.testing.assert_allclose(norms, np.sqrt(256) * r_t, rtol=1e-5)
+  # The schedule matters here: some drawn t have a gap below ρ, and the radii differ.
+  assert np.min(r_t) < 0.9 * rho and np.ptp(r_t) > 0.05
+
+
+def test_learning_rate_warmup_through_the_step():
+  def configure(config):
+    config.optim.warmup_steps = 4
+
+  _, _, _, _, state, batch, step = _step_setup(configure=configure, mode="none")
+  key = jax.random.key(2)
+  rates, params = [], [state.params]
+  for _ in range(3):
+    state, metrics = step(state, batch, key)
+    rates.append(float(metrics["learning_rate"]))
+    params.append(state.params)
+  # Linear from 0 to 1e-3 over 4 optimizer updates: the rate of updates 0, 1, 2.
+  np.testing.assert_allclose(rates, [0.0, 2.5e-4, 5e-4], rtol=1e-6, atol=0)
+  # The rate is the one applied: update 0 (rate 0) leaves the weights exactly, update 1 moves.
+  assert run_utils.max_abs_diff(params[0], params[1]) == 0.0
+  assert run_utils.max_abs_diff(params[1], params[2]) > 1e-5
+
+
+def test_gradient_clipping_is_the_clipped_adamw_update():
+  clip = 1e-6  # far below the gradient norm: the clipped update is tiny
+
+  def configure(config):
+    config.optim.grad_clip_norm = clip
+
+  settings, model, diffusion, _, state, batch, step = _step_setup(configure=configure)
+  key = jax.random.key(3)
+  new, metrics = step(_copy(state), batch, key)
+  inputs, dropout_key = step_lib.minibatch_inputs(
+      state, batch, jax.random.fold_in(key, state.step), diffusion, settings
+  )
+  grads = jax.jit(
+      jax.grad(lambda p: _hand_loss(model, diffusion, settings, p, None, inputs, dropout_key))
+  )(state.params)
+  assert float(metrics["grad_norm"]) > 1e3 * clip  # the metric is the unclipped norm
+
+  def by_hand(tx):
+    updates, _ = tx.update(grads, tx.init(state.params), state.params)
+    return optax.apply_updates(state.params, updates)
+
+  adamw = optax.adamw(1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+  clipped = by_hand(optax.chain(optax.clip_by_global_norm(clip), adamw))
+  unclipped = by_hand(adamw)
+  # Measured: the step and the hand computation differ by 1 float32 ulp of the weights
+  # (1.5e-8 at |θ| < 0.25); the clipped and unclipped updates by ~1e-3.
+  tolerance = 6e-8
+  assert run_utils.max_abs_diff(new.params, clipped) <= tolerance
+  assert run_utils.max_abs_diff(unclipped, clipped) > 1e3 * tolerance
+
+
+def test_importance_sampler_after_its_warmup_inside_training():
+  from adv_diffusion import timestep_sampler
+
+  num_t, history = 20, 2
+
+  def configure(config):
+    config.diffusion.num_timesteps = num_t
+    config.diffusion.sampler_history = history
+
+  settings, _, diffusion, _, state, batch, step = _step_setup(configure=configure)
+  assert settings.timestep_sampler == "loss-second-moment"
+  key = jax.random.key(4)
+  for _ in range(80):  # 8 draws per step: every t has 2 losses after ~15 steps
+    state, _ = step(state, batch, key)
+    if bool(jnp.all(state.sampler_state.loss_counts == history)):
+      break
+  counts = np.asarray(state.sampler_state.loss_counts)
+  assert np.all(counts == history), counts
+  w = np.asarray(
+      timestep_sampler.timestep_weights(
+          state.sampler_state, "loss-second-moment", settings.timestep_uniform_prob
+      ),
+      np.float64,
+  )
+  p = w / w.sum()
+  # sqrt(E[L_t²]) over the two recorded losses, mixed with 0.1 % uniform (IDDPM Eq. 18).
+  hist = np.asarray(state.sampler_state.loss_history, np.float64)
+  expected = np.sqrt(np.mean(hist**2, axis=1))
+  expected = expected / expected.sum() * (1 - 0.001) + 0.001 / num_t
+  np.testing.assert_allclose(p, expected, rtol=1e-5)
+  assert p.max() / p.min() > 2  # no longer uniform
+  # The next step draws t and weights from that distribution.
+  inputs, _ = step_lib.minibatch_inputs(
+      state, batch, jax.random.fold_in(key, state.step), diffusion, settings
+  )
+  t = np.asarray(inputs.t)
+  np.testing.assert_allclose(np.asarray(inputs.weights), 1 / (num_t * p[t]), rtol=1e-5)
+  draws = np.asarray(
+      jax.vmap(
+          lambda k: timestep_sampler.sample_timesteps(
+              k, state.sampler_state, 8, "loss-second-moment", 0.001
+          )[0]
+      )(jax.random.split(jax.random.key(9), 5000))
+  ).reshape(-1)
+  freq = np.bincount(draws, minlength=num_t) / draws.size
+  # 40,000 draws: each frequency within 5 binomial standard deviations of p_t.
+  assert np.all(np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / draws.size) + 1e-4)

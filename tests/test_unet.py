@@ -328,3 +328,48 @@ def test_label_consistency_is_checked(small: Case) -> None:
   conditional = UNet(**SMALL_CLASS_LEGACY)
   with pytest.raises(ValueError, match="class-conditional"):
     conditional.init(jax.random.key(0), x, t)
+
+
+def _equations(jaxpr) -> list:
+  """Every equation of a jaxpr and of the jaxprs nested in it (pjit, custom_jvp, remat...)."""
+  out = []
+  for eqn in jaxpr.eqns:
+    out.append(eqn)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, "eqns"):
+          out.extend(_equations(sub))
+  return out
+
+
+def test_bfloat16_keeps_norms_softmax_and_timestep_mlp_in_float32() -> None:
+  # The precision policy of adv_diffusion/nets/layers.py, read off the compiled computation:
+  # group-norm statistics and the softmax (the only reductions of the UNet) run in float32, the
+  # timestep MLP and every ResBlock's emb projection (the only dense layers on (B, C) inputs) too,
+  # while the torso's convolutions and the attention products run in bfloat16.
+  model = UNet(**SMALL, dtype=jnp.bfloat16)
+  x, t, y = flax_args(inputs(SMALL))
+  params = jax.eval_shape(model.init, jax.random.key(0), x, t, y)["params"]
+  jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, x, t, y))(params)
+  eqns = _equations(jaxpr.jaxpr)
+  dtypes = lambda eqn: {v.aval.dtype for v in eqn.invars if hasattr(v.aval, "dtype")}  # noqa: E731
+  reductions = [e for e in eqns if e.primitive.name in ("reduce_sum", "reduce_max")]
+  assert len(reductions) >= 2 * 8  # mean and variance of every group norm, max/sum of softmax
+  assert all(dtypes(e) == {jnp.dtype(jnp.float32)} for e in reductions)
+  assert any(e.primitive.name == "reduce_max" for e in reductions)  # the softmax is among them
+  assert all(dtypes(e) == {jnp.dtype(jnp.float32)} for e in eqns if e.primitive.name == "exp")
+  # jnp.mean accumulates bfloat16 in float32 anyway: the normalisation itself is the check.
+  rsqrts = [e for e in eqns if e.primitive.name == "rsqrt"]
+  assert len(rsqrts) >= 8 and all(dtypes(e) == {jnp.dtype(jnp.float32)} for e in rsqrts)
+  dense_2d = [e for e in eqns if e.primitive.name == "dot_general" and e.invars[0].aval.ndim == 2]
+  assert len(dense_2d) >= 2 + 4  # time_embed_0, time_embed_2 and the ResBlocks' emb_layers_1
+  assert all(dtypes(e) == {jnp.dtype(jnp.float32)} for e in dense_2d)
+  bf16 = {jnp.dtype(jnp.bfloat16)}
+  convs = [e for e in eqns if e.primitive.name == "conv_general_dilated"]
+  # The torso's convolutions in bfloat16; the output head (`out_2`, the last conv) in float32.
+  assert len(convs) > 2 and all(dtypes(e) == bf16 for e in convs[:-1])
+  assert dtypes(convs[-1]) == {jnp.dtype(jnp.float32)}
+  attention = [e for e in eqns if e.primitive.name == "dot_general" and e.invars[0].aval.ndim == 4]
+  assert attention and all(dtypes(e) == bf16 for e in attention)
+  assert jaxpr.out_avals[0].dtype == jnp.float32

@@ -197,3 +197,38 @@ def test_bad_dpm_settings_are_one_sentence(key, value):
   config.sampling[key] = value
   with pytest.raises(ConfigError, match=f"config.sampling.{key}"):
     validate_config(config, "sample")
+
+
+@pytest.mark.parametrize("use_ema,ema_index", [(False, 0), (True, 0), (True, 1)])
+def test_load_params_returns_the_configured_weights(trained_tiny, use_ema, ema_index):
+  # tests/conftest.py's run: ema_rates (0.9, 0.99), so params, EMA 0 and EMA 1 all differ.
+  from modes import parallel
+  from tests.configs import tiny_digits
+
+  config = tiny_digits.get_config()
+  config.sampling.use_ema = use_ema
+  config.sampling.ema_index = ema_index
+  params = generate.load_params(config, trained_tiny, 2, parallel.make_mesh())
+  model = run_utils.read_checkpoint(trained_tiny, 2)["model"]
+  expected = model["ema_params"][ema_index] if use_ema else model["params"]
+  assert run_utils.max_abs_diff(params, expected) == 0.0
+  for other in [model["params"], *model["ema_params"]]:
+    if other is not expected:
+      assert run_utils.max_abs_diff(params, other) > 0.0
+
+
+def test_to_uint8_is_adm_truncation():
+  from modes import images
+
+  # ADM: ((x + 1) * 127.5).clamp(0, 255).to(uint8), i.e. truncation toward zero after the clamp.
+  x = np.array([-2.0, -1.0, -0.999, -0.5, 0.0, 0.5, 0.99, 1.0, 3.0], np.float32)
+  np.testing.assert_array_equal(
+      images.to_uint8(x), np.array([0, 0, 0, 63, 127, 191, 253, 255, 255], np.uint8)
+  )
+  # -0.999 -> 0.1275, 0.0 -> 127.5, -0.5 -> 63.75: "round" differs exactly there.
+  np.testing.assert_array_equal(
+      images.to_uint8(x, "round"), np.array([0, 0, 0, 64, 128, 191, 254, 255, 255], np.uint8)
+  )
+  # Just below 1 the scaled value is 254.5: truncated to 254, only x = 1 reaches 255.
+  assert images.to_uint8(np.float32(1 - 1 / 255))[()] == 254
+  assert images.to_uint8(np.float32(1.0))[()] == 255
