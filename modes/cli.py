@@ -139,7 +139,11 @@ def main(argv):
 
   # Reuse compiled programs across runs and stages (a CPU compile of a train step takes a
   # minute); JAX_COMPILATION_CACHE_DIR, when set, wins.
-  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+  if jax.process_count() > 1:
+    # A program one process loads from the cache while its peer compiles it times out the
+    # peers' collective set-up (Gloo's 30 s key exchange on CPU): multi-process runs compile.
+    jax.config.update("jax_enable_compilation_cache", False)
+  elif not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(COMPILATION_CACHE))
   from evaluation.errors import EvaluationError
 
