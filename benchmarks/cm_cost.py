@@ -8,7 +8,7 @@ forward/backward per optimizer update. Target (issue 6): fast AT ≤ 1.05× plai
 
 import argparse
 
-from benchmarks.at_cost import time_variant
+from benchmarks.at_cost import add_ratios, measure_variant, variant_config
 from benchmarks.common import machine_info, write_json
 from configs import cifar10_adm, cifar10_cd
 
@@ -31,16 +31,10 @@ def main() -> None:
   results = {}
   for name in args.variants.split(","):
     module, overrides, updates = VARIANTS[name]
-    seconds = time_variant(overrides, args.batch_size, args.steps, args.compute_dtype, module)
-    results[name] = {
-        "ms_per_minibatch": 1e3 * seconds,
-        "ms_per_update": 1e3 * seconds / updates,
-        "updates_per_minibatch": updates,
-    }
-  for base_name, key in (("dpm", "per_update_vs_dpm"), ("cd", "per_update_vs_cd")):
-    if base_name in results:
-      for r in results.values():
-        r[key] = r["ms_per_update"] / results[base_name]["ms_per_update"]
+    config = variant_config(overrides, args.batch_size, args.compute_dtype, module)
+    results[name] = measure_variant(config, updates, args.steps)
+  add_ratios(results, "dpm", "dpm")
+  add_ratios(results, "cd", "cd")
   write_json(
       args.out,
       {

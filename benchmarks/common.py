@@ -1,18 +1,22 @@
-"""Shared helpers of the benchmarks: machine description and JSON output."""
+"""Shared helpers of the benchmarks: machine description, timing, XLA costs and JSON output."""
 
+import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 
 def machine_info() -> dict:
+  """Date, platform, Python, CPU count, jax version, backend and device kinds of this run."""
   devices = jax.devices()
   return {
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -25,19 +29,29 @@ def machine_info() -> dict:
   }
 
 
-def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 2) -> list[float]:
-  """Seconds per call of `fn` (which must block until its result is ready)."""
+def time_calls(
+    fn: Callable[[], object], repeats: int, warmup: int = 2, budget_s: float | None = None
+) -> list[float]:
+  """Seconds per call of `fn` (which must block until its result is ready).
+
+  With `budget_s`, timed repeats stop once the calls (warm-up included) have taken that long;
+  at least one call is always timed.
+  """
+  start = time.perf_counter()
   for _ in range(warmup):
     fn()
   times = []
   for _ in range(repeats):
-    start = time.perf_counter()
+    if times and budget_s is not None and time.perf_counter() - start > budget_s:
+      break
+    t0 = time.perf_counter()
     fn()
-    times.append(time.perf_counter() - start)
+    times.append(time.perf_counter() - t0)
   return times
 
 
 def write_json(path: str | None, payload: dict) -> None:
+  """Prints `payload` as JSON and writes it to `path` when given."""
   text = json.dumps(payload, indent=2)
   print(text)
   if path:
@@ -45,8 +59,51 @@ def write_json(path: str | None, payload: dict) -> None:
       f.write(text + "\n")
 
 
-def compiled_cifar10_step(config: ml_collections.ConfigDict) -> Callable[[], None]:
-  """A closure running one jit-compiled train step of `config` on a fixed random batch."""
+def xla_cost(compiled: Any) -> dict[str, float]:
+  """FLOPs and bytes accessed of a compiled program from XLA's cost analysis (NaN if absent)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    cost = cost[0] if cost else {}
+  cost = cost or {}
+  return {
+      "flops": float(cost.get("flops", math.nan)),
+      "bytes_accessed": float(cost.get("bytes accessed", math.nan)),
+  }
+
+
+def fill_zero_kernels(params: Any, key: jax.Array) -> Any:
+  """`params` with every all-zero kernel (ADM's zero-initialised output layers) drawn from
+  N(0, 1/fan_in), so that the network's output depends on its input."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(key, len(leaves))
+
+  def fill(p, k):
+    if p.ndim < 2:
+      return p
+    noise = jax.random.normal(k, p.shape, p.dtype) / math.sqrt(math.prod(p.shape[:-1]))
+    return jnp.where(jnp.all(p == 0), noise, p)
+
+  return jax.tree.unflatten(treedef, [fill(p, k) for p, k in zip(leaves, keys)])
+
+
+@dataclasses.dataclass
+class CompiledStep:
+  """One compiled train step of a config with its own state and a fixed random batch."""
+
+  run: Callable[[], dict]  # one step on the held state; blocks; returns the step's metrics
+  cost: dict[str, float]  # xla_cost of the compiled step
+  compile_seconds: float  # lowering + XLA compilation
+  param_checksum: float  # nondegenerate: sum of |θ| at the start (same θ ⇒ same number); else NaN
+
+
+def compile_cifar10_step(
+    config: ml_collections.ConfigDict, nondegenerate: bool = False
+) -> CompiledStep:
+  """The train step of `config` compiled ahead of time on a random uint8 batch (seed 0, key 1).
+
+  `nondegenerate` fills the zero-initialised kernels (`fill_zero_kernels`, key 2) so that the
+  first step's loss depends on the whole network.
+  """
   from modes import parallel, train
   from modes.factories import create_unet
 
@@ -56,7 +113,16 @@ def compiled_cifar10_step(config: ml_collections.ConfigDict) -> Callable[[], Non
   diffusion = train.create_diffusion(config)
   tx = train.create_optimizer(config.optim)
   state = train.create_train_state(model, tx, config, jax.random.key(0), mesh)
-  step_fn = train.compile_train_step(model, diffusion, tx, config, mesh, state)
+  checksum = math.nan
+  if nondegenerate:
+    fill = jax.jit(
+        lambda s: s.replace(params=fill_zero_kernels(s.params, jax.random.key(2))),
+        out_shardings=train.state_shardings(state, mesh),
+    )
+    state = fill(state)
+    checksum = float(
+        jax.jit(lambda p: sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(p)))(state.params)
+    )
   rng = np.random.default_rng(0)
   size, channels = config.data.image_size, config.data.channels
   batch = parallel.global_batch_from_local(
@@ -73,10 +139,48 @@ def compiled_cifar10_step(config: ml_collections.ConfigDict) -> Callable[[], Non
       if config.consistency.mode == "distill"
       else None
   )
+  start = time.perf_counter()
+  step_fn = train.compile_train_step(model, diffusion, tx, config, mesh, state)
+  compiled = step_fn.lower(state, batch, key, teacher, None).compile()
+  compile_seconds = time.perf_counter() - start
   holder = {"state": state}
 
-  def one_step() -> None:
-    holder["state"], metrics = step_fn(holder["state"], batch, key, teacher, None)
-    jax.block_until_ready(metrics)
+  def one_step() -> dict:
+    holder["state"], metrics = compiled(holder["state"], batch, key, teacher, None)
+    return jax.block_until_ready(metrics)
 
-  return one_step
+  return CompiledStep(one_step, xla_cost(compiled), compile_seconds, checksum)
+
+
+def compiled_cifar10_step(config: ml_collections.ConfigDict) -> Callable[[], None]:
+  """A closure running one jit-compiled train step of `config` on a fixed random batch."""
+  return compile_cifar10_step(config).run
+
+
+def step_record(
+    step: CompiledStep,
+    steps: int,
+    updates: int = 1,
+    warmup: int = 2,
+    budget_s: float | None = None,
+    batch_size: int | None = None,
+) -> dict:
+  """Times `step` (median of up to `steps` calls after `warmup`) and adds its XLA costs."""
+  times = time_calls(step.run, steps, warmup, budget_s)
+  seconds = float(np.median(times))
+  flops = step.cost["flops"]
+  record = {
+      "ms_per_minibatch": 1e3 * seconds,
+      "ms_per_update": 1e3 * seconds / updates,
+      "updates_per_minibatch": updates,
+      "steps_timed": len(times),
+      "steps_requested": steps,
+      "compile_s": step.compile_seconds,
+      "flops_per_minibatch": flops,
+      "flops_per_update": flops / updates,
+      "bytes_accessed_per_minibatch": step.cost["bytes_accessed"],
+      "flop_per_s": flops / seconds,
+  }
+  if batch_size:
+    record["images_per_sec"] = batch_size / seconds
+  return record

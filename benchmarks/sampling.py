@@ -7,9 +7,12 @@ same number of CIFAR-10 UNet calls (issue 4 target: overhead ≤ 5 %).
 
 import argparse
 import statistics
+import time
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from modes import train
 from modes.factories import create_unet
@@ -18,6 +21,71 @@ from configs import cifar10_adm
 from sampling.registry import make_sampler
 
 METHODS = ("ancestral", "ancestral_es", "ddim", "dpm_solver++")
+
+
+def measure(
+    config: ml_collections.ConfigDict,
+    batch_size: int,
+    nfe: int,
+    repeats: int,
+    methods: Sequence[str] = METHODS,
+    warmup: int = 2,
+    budget_s: float | None = None,
+) -> dict:
+  """{"bare_loop": ..., method: ...}: ms per batch and per model call, samples/s and (methods)
+  the overhead against `nfe` bare network calls; `budget_s` caps the timed repeats of each."""
+  model = create_unet(config)
+  params = jax.jit(lambda k: train.init_params(model, config, k))(jax.random.key(0))
+  params = jax.tree.map(lambda p: p + 1e-3, params)  # leave the zero-initialised output layers
+  size, channels = config.data.image_size, config.data.channels
+  num_timesteps = config.diffusion.num_timesteps
+  noise = jax.random.normal(jax.random.key(1), (batch_size, size, size, channels))
+  keys = jax.random.split(jax.random.key(2), batch_size)
+
+  def model_fn(p, x, t):
+    return model.apply({"params": p}, x, t, train=False).astype(jnp.float32)
+
+  @jax.jit
+  def bare_loop(p, x):  # nfe network calls and nothing else
+    def body(i, x):
+      return model_fn(p, x, jnp.full((x.shape[0],), num_timesteps - 1 - i, jnp.int32))[
+          ..., :channels
+      ]
+
+    return jax.lax.fori_loop(0, nfe, body, x)
+
+  def timed(fn, *args) -> tuple[float, int, float]:
+    start = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    times = time_calls(lambda: jax.block_until_ready(compiled(*args)), repeats, warmup, budget_s)
+    return statistics.median(times), len(times), compile_s
+
+  base, count, compile_s = timed(bare_loop, params, noise)
+  results = {
+      "bare_loop": {
+          "nfe": nfe,
+          "ms_per_batch": 1e3 * base,
+          "ms_per_model_call": 1e3 * base / nfe,
+          "samples_per_sec": batch_size / base,
+          "repeats_timed": count,
+          "compile_s": compile_s,
+      }
+  }
+  for method in methods:
+    sampler = make_sampler(method, nfe, config.diffusion.noise_schedule, num_timesteps)
+    run = jax.jit(lambda p, x, k, s=sampler: s(lambda x, t: model_fn(p, x, t), x, k))
+    seconds, count, compile_s = timed(run, params, noise, keys)
+    results[method] = {
+        "nfe": sampler.nfe,
+        "ms_per_batch": 1e3 * seconds,
+        "ms_per_model_call": 1e3 * seconds / sampler.nfe,
+        "samples_per_sec": batch_size / seconds,
+        "overhead_vs_bare_loop": seconds / base - 1.0,
+        "repeats_timed": count,
+        "compile_s": compile_s,
+    }
+  return results
 
 
 def main() -> None:
@@ -31,44 +99,7 @@ def main() -> None:
 
   config = cifar10_adm.get_config()
   config.model.compute_dtype = args.compute_dtype
-  model = create_unet(config)
-  params = jax.jit(lambda k: train.init_params(model, config, k))(jax.random.key(0))
-  params = jax.tree.map(lambda p: p + 1e-3, params)  # leave the zero-initialised output layers
-  noise = jax.random.normal(jax.random.key(1), (args.batch_size, 32, 32, 3))
-  keys = jax.random.split(jax.random.key(2), args.batch_size)
-
-  def model_fn(x, t):
-    return model.apply({"params": params}, x, t, train=False).astype(jnp.float32)
-
-  @jax.jit
-  def bare_loop(x):  # nfe network calls and nothing else
-    def body(i, x):
-      return model_fn(x, jnp.full((x.shape[0],), 999 - i, jnp.int32))[..., :3]
-
-    return jax.lax.fori_loop(0, args.nfe, body, x)
-
-  def timed(fn) -> float:
-    return statistics.median(time_calls(lambda: jax.block_until_ready(fn()), args.repeats))
-
-  base = timed(lambda: bare_loop(noise))
-  results = {
-      "bare_loop": {
-          "ms_per_batch": 1e3 * base,
-          "ms_per_model_call": 1e3 * base / args.nfe,
-          "samples_per_sec": args.batch_size / base,
-      }
-  }
-  for method in METHODS:
-    sampler = make_sampler(method, args.nfe, "cosine", 1000)
-    run = jax.jit(lambda x, k, s=sampler: s(model_fn, x, k))
-    seconds = timed(lambda: run(noise, keys))
-    results[method] = {
-        "nfe": sampler.nfe,
-        "ms_per_batch": 1e3 * seconds,
-        "ms_per_model_call": 1e3 * seconds / sampler.nfe,
-        "samples_per_sec": args.batch_size / seconds,
-        "overhead_vs_bare_loop": seconds / base - 1.0,
-    }
+  results = measure(config, args.batch_size, args.nfe, args.repeats)
   write_json(
       args.out,
       {
