@@ -73,7 +73,7 @@ def _tiny_setup():
   return config, diffusion, params, inputs, apply_fn
 
 
-def _loss(target_type, params, delta, inputs, diffusion, apply_fn):
+def _loss_and_terms(target_type, params, delta, inputs, diffusion, apply_fn):
   return losses.diffusion_loss(
       params,
       delta,
@@ -84,7 +84,11 @@ def _loss(target_type, params, delta, inputs, diffusion, apply_fn):
       learn_sigma=True,
       loss_type="rescaled_mse",
       target_type=target_type,
-  )[0]
+  )
+
+
+def _loss(target_type, params, delta, inputs, diffusion, apply_fn):
+  return _loss_and_terms(target_type, params, delta, inputs, diffusion, apply_fn)[0]
 
 
 @pytest.mark.parametrize("target_type", ["delta_detach", "delta"])
@@ -139,17 +143,7 @@ def test_delta_gradient_matches_finite_differences(target_type):
 
 
 def _terms(target_type, params, delta, inputs, diffusion, apply_fn):
-  return losses.diffusion_loss(
-      params,
-      delta,
-      inputs,
-      jax.random.key(0),
-      apply_fn=apply_fn,
-      diffusion=diffusion,
-      learn_sigma=True,
-      loss_type="rescaled_mse",
-      target_type=target_type,
-  )[1]
+  return _loss_and_terms(target_type, params, delta, inputs, diffusion, apply_fn)[1]
 
 
 def test_vlb_term_sees_the_clean_x_t_for_original_and_the_perturbed_one_otherwise():
