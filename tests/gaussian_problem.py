@@ -13,6 +13,7 @@ not hidden by float32 round-off.
 
 from __future__ import annotations
 
+import math
 import re
 
 import jax
@@ -86,6 +87,15 @@ class GaussianProblem:
     z = jax.random.normal(key, (t.shape[0], 1, 1, 4))
     x_t = self.a[t][:, None, None, :] * self.mu + jnp.sqrt(self.var[t])[:, None, None, :] * z
     return x_t, t, self.a[0] * self.mu + jnp.sqrt(self.var[0]) * z
+
+
+def adm_cosine_alphas_cumprod(n: int = T) -> np.ndarray:
+  """ᾱ_i = Π_{j<=i} (1 - β_j), β_j = min(1 - g((j+1)/n)/g(j/n), 0.999), g(u) = cos²((u + 0.008)
+  /1.008·π/2): IDDPM Eq. 17 discretised as ADM does, written here from the paper so that value
+  tests do not take the schedule from the code they check."""
+  g = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+  betas = np.array([min(1.0 - g((j + 1) / n) / g(j / n), 0.999) for j in range(n)])
+  return np.cumprod(1.0 - betas)
 
 
 def max_err(a, b) -> float:
