@@ -5,7 +5,7 @@ import csv
 import os
 
 from evaluation import convert_inception
-from tests import run_utils
+from tests import direct_fid, run_utils
 
 
 def test_story_runs_every_stage_with_equal_updates_and_resumes(tmp_path):
@@ -49,6 +49,19 @@ def test_story_runs_every_stage_with_equal_updates_and_resumes(tmp_path):
   ]
   assert all(float(r["fid"]) > 0 and r["num_samples"] == "8" for r in rows)
   assert "| ADM-AT | ddim |" in first.stdout  # the table is printed at the end
+  # Each cell's FID and sFID equal those of its stage's samples computed directly against the
+  # story's reference statistics (tests/direct_fid.py).
+  scored = direct_fid.assert_cells_match_direct(
+      os.path.join(workdir, "table", "table.csv"),
+      os.path.join(workdir, "table", "cells"),
+      {"run": "label", "method": "method", "nfe": "nfe"},
+      weights=weights,
+      reference_file=os.path.join(workdir, "eval", "reference.npz"),
+      batch_size=8,
+  )
+  for cell, stage in zip(scored, ("at", "control")):
+    samples = os.path.join(workdir, stage, "samples")
+    assert os.path.dirname(cell["provenance"]["samples_file"]) == samples
 
   again = run_utils.run_main(workdir, *args)
   assert again.stderr.count("done before") == 5  # three stages, two cells

@@ -12,7 +12,7 @@ from PIL import Image
 
 from modes import table as tables
 from evaluation import convert_inception
-from tests import run_utils
+from tests import direct_fid, run_utils
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,11 @@ def table_args(trained_tiny, tmp_path_factory):
       "--config.evaluation.fid_method=eigh",
       "--config.evaluation.precision_recall=False",
   )
+
+
+def _value(args: tuple[str, ...], flag: str) -> str:
+  """The value of `--flag=value` in `args`."""
+  return next(a for a in args if a.startswith(f"{flag}=")).split("=", 1)[1]
 
 
 def test_tiny_grid_fills_every_cell_and_resumes(tmp_path, table_args):
@@ -68,6 +73,17 @@ def test_tiny_grid_fills_every_cell_and_resumes(tmp_path, table_args):
   assert sorted(os.listdir(cells)) == names
   for name in names[1:]:
     assert os.path.getmtime(os.path.join(cells, name)) == stamps[name]
+  # Each cell's FID and sFID, in table.csv and in its JSON, is that of its own sample file
+  # computed directly against the table's reference statistics (tests/direct_fid.py).
+  scored = direct_fid.assert_cells_match_direct(
+      os.path.join(out, "table.csv"),
+      cells,
+      {"run": "label", "method": "method", "nfe": "nfe"},
+      weights=_value(table_args, "--config.evaluation.inception_weights"),
+      reference_file=os.path.join(workdir, "eval", "reference.npz"),
+      batch_size=8,
+  )
+  assert len({c["provenance"]["samples_file"] for c in scored}) == 4
 
 
 def test_published_numbers_belong_to_their_dataset():
@@ -87,7 +103,7 @@ def test_bad_runs_spec_is_one_sentence(tmp_path, table_args):
 
 def test_robustness_mode_fills_a_budget_table_and_attacks_the_trajectory(tmp_path, table_args):
   workdir = str(tmp_path / "robust")
-  trained = next(a for a in table_args if a.startswith("--config.table.runs")).split("=", 2)[2]
+  trained = _value(table_args, "--config.table.runs").split("=", 1)[1]
   args = [a for a in table_args if not a.startswith(("--mode", "--config.table."))]
   run_utils.run_main(
       workdir,
@@ -116,6 +132,18 @@ def test_robustness_mode_fills_a_budget_table_and_attacks_the_trajectory(tmp_pat
   assert "8 samples per cell" in markdown[0] and "steps 0, 2" in markdown[0]
   with Image.open(os.path.join(out, "fid_vs_budget.png")) as png:
     assert png.format == "PNG"
+  scored = direct_fid.assert_cells_match_direct(
+      os.path.join(out, "robustness.csv"),
+      os.path.join(out, "cells"),
+      {"run": "label", "kind": "kind", "rho": "rho"},
+      weights=_value(table_args, "--config.evaluation.inception_weights"),
+      reference_file=os.path.join(workdir, "eval", "reference.npz"),
+      batch_size=8,
+  )
+  files = [os.path.basename(c["provenance"]["samples_file"]) for c in scored]
+  assert len(set(files)) == 3 and all(
+      f"_{c['kind']}0.1_" in f for c, f in zip(scored[1:], files[1:])
+  )
 
   samples = sorted(
       f
