@@ -164,25 +164,27 @@ def free_at_replays(
     step_size: float,
     radius: jax.Array,
     norm: str,
+    update_last: bool = True,
 ) -> tuple[Any, jax.Array, Replay]:
   """The authors' efficient AT (Free-AT, PAPER.md §4): K = len(dropout_keys) replays of one
   minibatch. Replay r takes ∂L/∂θ and ∂L/∂δ in ONE forward/backward at the current δ_r, updates θ
   with the first and then ascends δ_{r+1} = Π(δ_r + η·g_δ/‖g_δ‖) with the second.
 
-  Returns the state after K updates, δ_{K+1} (carried to the next minibatch by init "carry") and
-  the replays stacked. Unrolled: a rolled loop compiles its body apart and rounds differently, and
-  a single replay must equal the clean step bit for bit; K is small (3 in the paper).
+  Returns the state after K updates — after K − 1 with `update_last=False`, for a caller that
+  makes the K-th from the last replay's ∂L/∂θ itself (`train_step`, which skips a non-finite
+  one) — δ_{K+1} (carried to the next minibatch by init "carry") and the replays stacked.
+  Unrolled (a Python loop): a rolled loop compiles its body apart and rounds differently, and a
+  single replay must equal the clean step bit for bit; K is small (3 in the paper).
   """
-
-  def replay(carry, dropout_key):
-    state, delta = carry
-    (loss, terms), (grads, grad_delta) = loss_and_grads(state, delta, dropout_key)
-    state = update(state, grads, terms)
-    next_delta = ascent_step(delta, grad_delta, step_size, radius, norm)
-    return (state, next_delta), Replay(loss, terms, grads, grad_delta, delta)
-
-  (state, next_delta), replays = jax.lax.scan(replay, (state, delta0), dropout_keys, unroll=True)
-  return state, next_delta, replays
+  count = dropout_keys.shape[0]
+  delta, replays = delta0, []
+  for r in range(count):
+    (loss, terms), (grads, grad_delta) = loss_and_grads(state, delta, dropout_keys[r])
+    if update_last or r + 1 < count:
+      state = update(state, grads, terms)
+    replays.append(Replay(loss, terms, grads, grad_delta, delta))
+    delta = ascent_step(delta, grad_delta, step_size, radius, norm)
+  return state, delta, jax.tree.map(lambda *xs: jnp.stack(xs), *replays)
 
 
 # delta_loss_and_grad(δ, dropout_key) -> (loss, ∂L/∂δ) with θ fixed.

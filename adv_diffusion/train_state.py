@@ -80,6 +80,19 @@ def ema_update(ema: Any, params: Any, rate: float) -> Any:
   return jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, ema, params)
 
 
+def _optimizer_update(
+    state: TrainState, grads: Any, tx: optax.GradientTransformation
+) -> tuple[Any, Any]:
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  return optax.apply_updates(state.params, updates), opt_state
+
+
+def updated_params(state: TrainState, grads: Any, tx: optax.GradientTransformation) -> Any:
+  """The parameters that `apply_gradients` makes of `state` and `grads` (the same arithmetic),
+  without the rest of the update: what the train step tests for finiteness before it updates."""
+  return _optimizer_update(state, grads, tx)[0]
+
+
 def apply_gradients(
     state: TrainState,
     grads: Any,
@@ -89,8 +102,7 @@ def apply_gradients(
 ) -> TrainState:
   """One optimizer update and one EMA update per rate (and of a consistency model's target
   network with `target_rate`); counts the optimizer update."""
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params, opt_state = _optimizer_update(state, grads, tx)
   ema_params = tuple(ema_update(e, params, r) for e, r in zip(state.ema_params, ema_rates))
   target = state.target_params
   if target is not None:

@@ -40,6 +40,7 @@ from adv_diffusion.train_state import (
     init_train_state,
     preprocess_images,
     tree_all_finite,
+    updated_params,
 )
 
 __all__ = [
@@ -61,7 +62,7 @@ __all__ = [
 class StepResult:
   """One δ search's outcome inside a step."""
 
-  state: TrainState  # after the search's optimizer updates
+  state: TrainState  # before the step's last optimizer update, which `train_step` makes
   loss: jax.Array  # the minibatch loss of the last forward pass
   terms: dict[str, jax.Array]  # its per-example loss terms
   grads: Any  # its θ-gradient
@@ -180,12 +181,12 @@ def _consistency_setup(
 # ---------------------------------------------------------------------------------------------
 
 
-def _clean_step(state, inputs, dropout_key, loss_fn, update) -> StepResult:
-  """Plain ADM: one forward/backward, one update."""
+def _clean_step(state, inputs, dropout_key, loss_fn) -> StepResult:
+  """Plain ADM: one forward/backward (for the step's one update)."""
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, None, inputs, dropout_key
   )
-  return StepResult(update(state, grads, terms), loss, terms, grads)
+  return StepResult(state, loss, terms, grads)
 
 
 def replay_dropout_keys(dropout_key: jax.Array, count: int) -> jax.Array:
@@ -210,7 +211,8 @@ def _delta_metrics(delta, grad_delta0, loss0, loss_final, inputs, init: str) -> 
 
 
 def _fast_step(state, inputs, dropout_key, loss_fn, update, settings, delta0, radius) -> StepResult:
-  """Fast AT: `adversarial.free_at_replays` over K replays of the minibatch."""
+  """Fast AT: `adversarial.free_at_replays` over K replays of the minibatch (K − 1 updates here,
+  the K-th is the step's last)."""
   adv = settings.adversarial
   grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
   state, next_delta, replays = free_at_replays(
@@ -222,6 +224,7 @@ def _fast_step(state, inputs, dropout_key, loss_fn, update, settings, delta0, ra
       step_size=adv.step_size,
       radius=radius,
       norm=adv.norm,
+      update_last=False,
   )
   last = lambda tree: jax.tree.map(lambda x: x[-1], tree)  # noqa: E731
   metrics = _delta_metrics(
@@ -233,7 +236,8 @@ def _fast_step(state, inputs, dropout_key, loss_fn, update, settings, delta0, ra
 
 
 def _pgd_step(state, inputs, dropout_key, loss_fn, update, settings, delta0, radius) -> StepResult:
-  """PGD-k AT: `adversarial.pgd_search` with θ fixed, then one update at the final δ."""
+  """PGD-k AT: `adversarial.pgd_search` with θ fixed, then the forward/backward of the step's one
+  update at the final δ."""
   adv = settings.adversarial
   delta_grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
 
@@ -256,12 +260,44 @@ def _pgd_step(state, inputs, dropout_key, loss_fn, update, settings, delta0, rad
       state.params, delta, inputs, dropout_key
   )
   metrics = _delta_metrics(delta, grad_deltas[0], ascent_losses[0], loss, inputs, adv.init)
-  return StepResult(update(state, grads, terms), loss, terms, grads, metrics, delta)
+  return StepResult(state, loss, terms, grads, metrics, delta)
 
 
 # ---------------------------------------------------------------------------------------------
 # The step
 # ---------------------------------------------------------------------------------------------
+
+
+def _last_update(
+    start: TrainState,
+    result: StepResult,
+    update: Callable,
+    tx: optax.GradientTransformation,
+    carry: bool,
+    one_update: bool,
+) -> tuple[TrainState, jax.Array]:
+  """The step's last optimizer update of `result.state` with the final pass's gradient, or
+  `start` as it was when that pass's loss or the updated parameters are not finite.
+
+  The verdict comes first, from the updated parameters alone (`updated_params`: the update's
+  own arithmetic, which XLA fuses into the finiteness reduction). A step of one update then
+  makes it inside `lax.cond`, whose other branch passes `start` through: no second copy of the
+  state is ever computed beside the donated one, the update writes in place, and only the
+  gradient is held until the verdict. After K ≥ 2 fast-AT replays the state of replay K − 1 is
+  a copy of the state anyway (a skip must undo all K updates, so `start` stays alive beside it):
+  there a select per element writes the result over the donated `start` in place (a `lax.cond`
+  measured worse there: its result cannot share a buffer with both the copy and `start`).
+  """
+  prev, grads = result.state, result.grads
+  ok = jnp.isfinite(result.loss) & tree_all_finite(updated_params(prev, grads, tx))
+
+  def accept() -> TrainState:
+    state = update(prev, grads, result.terms)
+    return state.replace(delta=result.next_delta) if carry else state
+
+  if one_update:
+    return jax.lax.cond(ok, accept, lambda: start), ok
+  return jax.tree.map(lambda new, old: jnp.where(ok, new, old), accept(), start), ok
 
 
 def train_step(
@@ -313,7 +349,7 @@ def train_step(
   update = _updater(tx, settings, inputs.t)
   updates_before = state.num_updates
   if adv.mode == "none":
-    result = _clean_step(state, inputs, dropout_key, loss_fn, update)
+    result = _clean_step(state, inputs, dropout_key, loss_fn)
   else:
     radius = example_radius(
         diffusion.alphas_cumprod, inputs.t, adv.radius, adv.radius_schedule, adv.radius_grid_steps
@@ -329,11 +365,9 @@ def train_step(
     )
     search = _fast_step if adv.mode == "fast" else _pgd_step
     result = search(state, inputs, dropout_key, loss_fn, update, settings, delta0, radius)
-  state = result.state
-  if adv.mode != "none" and adv.init == "carry":
-    state = state.replace(delta=result.next_delta)
-  update_ok = jnp.isfinite(result.loss) & tree_all_finite(state.params)
-  state = jax.tree.map(lambda new, old: jnp.where(update_ok, new, old), state, start)
+  carry = adv.mode != "none" and adv.init == "carry"
+  one_update = adv.mode != "fast" or adv.num_replays == 1
+  state, update_ok = _last_update(start, result, update, tx, carry, one_update)
   state = state.replace(skipped_updates=start.skipped_updates + (~update_ok).astype(jnp.int32))
   metrics = {
       "loss": result.loss,

@@ -156,6 +156,40 @@ def test_three_replays_make_three_updates_and_step_size_zero_is_three_clean_upda
     assert run_utils.max_abs_diff(expected, ema3) <= 1e-6
 
 
+@pytest.mark.parametrize(
+    "adv",
+    [
+        dict(mode="none"),
+        dict(mode="fast", num_replays=3, step_size=0.1, init="carry"),
+        dict(mode="pgd", pgd_steps=1, step_size=0.1, init="carry"),
+    ],
+    ids=["clean", "fast_3_replays_carry", "pgd_carry"],
+)
+def test_a_nonfinite_minibatch_leaves_the_whole_state_as_it_was(adv):
+  # A NaN pixel makes the loss non-finite: θ, the EMAs, AdamW's moments and count, the timestep
+  # history and a carried δ stay bit for bit what they were — for fast AT after all K replays,
+  # whose K − 1 earlier updates are undone too — and only `step` and `skipped_updates` advance.
+  _, _, _, _, state, batch, step = _step_setup(**adv)
+  key = jax.random.key(42)
+  images = jnp.asarray(batch["image"], jnp.float32)  # one program for the good and the bad batch
+  state, _ = step(state, {**batch, "image": images}, key)  # Adam's count, moments and δ non-zero
+  assert int(state.skipped_updates) == 0 and int(state.opt_state[0].count) == state.num_updates
+  if state.delta is not None:
+    assert float(jnp.max(jnp.abs(state.delta))) > 0.0
+  skipped, metrics = step(state, {**batch, "image": images.at[0, 3, 3, 0].set(jnp.nan)}, key)
+  assert not np.isfinite(float(metrics["loss"]))
+  assert int(skipped.step) == int(state.step) + 1 and int(skipped.skipped_updates) == 1
+  assert int(metrics["optimizer_updates"]) == int(skipped.num_updates) == int(state.num_updates)
+  assert int(skipped.opt_state[0].count) == int(state.opt_state[0].count)
+  counters = dict(step=0, skipped_updates=0)
+  same = jax.tree.map(
+      lambda a, b: np.asarray(a).tobytes() == np.asarray(b).tobytes(),
+      state.replace(**counters),
+      skipped.replace(**counters),
+  )
+  assert all(jax.tree.leaves(same))
+
+
 def test_fast_step_moves_delta_and_reports_its_metrics():
   _, _, _, _, state, batch, fast_step = _step_setup(mode="fast", num_replays=3, step_size=0.1)
   new, m = fast_step(_copy(state), batch, jax.random.key(1))

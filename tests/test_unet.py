@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from typing import Any
@@ -18,7 +19,7 @@ with warnings.catch_warnings():  # guided_diffusion.nn uses deprecated torch.cud
   from guided_diffusion.unet import UNetModel
 
 from adv_diffusion.nets import UNet
-from adv_diffusion.nets.layers import timestep_embedding
+from adv_diffusion.nets.layers import qkv_attention, timestep_embedding
 from adv_diffusion.nets.torch_mapping import flax_to_torch_state_dict, torch_to_flax_params
 
 SMALL = dict(  # every new-style option on, learned sigma
@@ -217,6 +218,39 @@ def test_timestep_embedding_matches_adm() -> None:
     np.testing.assert_allclose(ours, theirs, atol=2e-6)
 
 
+def adm_qkv_attention(qkv: jax.Array, num_heads: int, new_order: bool) -> jax.Array:
+  """The UNet's attention as it was written by hand before `jax.nn.dot_product_attention`, in
+  ADM's operation order (QKVAttention / QKVAttentionLegacy): q and k scaled by ch**-0.25 each,
+  the float32 softmax, then the weighted sum of v."""
+  batch, length, width = qkv.shape
+  ch = width // (3 * num_heads)
+  if new_order:
+    q, k, v = jnp.moveaxis(qkv.reshape(batch, length, 3, num_heads, ch), 2, 0)
+  else:
+    q, k, v = jnp.moveaxis(qkv.reshape(batch, length, num_heads, 3, ch), 3, 0)
+  scale = 1.0 / math.sqrt(math.sqrt(ch))
+  weight = jnp.einsum("bthc,bshc->bhts", q * scale, k * scale)
+  weight = jax.nn.softmax(weight.astype(jnp.float32), axis=-1).astype(weight.dtype)
+  return jnp.einsum("bhts,bshc->bthc", weight, v).reshape(batch, length, num_heads * ch)
+
+
+@pytest.mark.parametrize("new_order", [False, True], ids=["legacy", "new_order"])
+@pytest.mark.parametrize("heads,ch", [(1, 8), (4, 24)])
+def test_qkv_attention_is_the_hand_written_formula(new_order: bool, heads: int, ch: int) -> None:
+  # Head widths whose ch**-0.25 is not a power of two (a scale that rounds); q·k/sqrt(ch) has a
+  # standard deviation of ~2.2, so the softmax is far from uniform (peak weights ~0.9).
+  rng = np.random.default_rng(heads)
+  qkv = jnp.asarray(rng.normal(0.0, 1.5, (2, 64, 3 * heads * ch)), jnp.float32)
+  ours = np.asarray(jax.jit(qkv_attention, static_argnums=(1, 2))(qkv, heads, new_order))
+  reference = np.asarray(adm_qkv_attention(qkv, heads, new_order))
+  err = np.max(np.abs(ours - reference) / np.maximum(1.0, np.abs(reference)))
+  assert err <= 1e-6, err
+  # bfloat16: float32 logits and softmax inside, the result to bfloat16 rounding.
+  low = qkv_attention(qkv.astype(jnp.bfloat16), heads, new_order)
+  assert low.dtype == jnp.bfloat16
+  assert rel_err(np.asarray(low, np.float32), reference) < 1e-2
+
+
 # ------------------------------------------------------------------------- (b) param count
 
 
@@ -347,7 +381,9 @@ def test_bfloat16_keeps_norms_softmax_and_timestep_mlp_in_float32() -> None:
   # The precision policy of adv_diffusion/nets/layers.py, read off the compiled computation:
   # group-norm statistics and the softmax (the only reductions of the UNet) run in float32, the
   # timestep MLP and every ResBlock's emb projection (the only dense layers on (B, C) inputs) too,
-  # while the torso's convolutions and the attention products run in bfloat16.
+  # while the torso's convolutions and the attention products take bfloat16 operands (q·kᵀ
+  # accumulates into float32 logits, the weighted sum of v is bfloat16). dot_product_attention
+  # groups heads into a 5-d q·kᵀ: every dot_general of ≥ 4-d operands is attention.
   model = UNet(**SMALL, dtype=jnp.bfloat16)
   x, t, y = flax_args(inputs(SMALL))
   params = jax.eval_shape(model.init, jax.random.key(0), x, t, y)["params"]
@@ -370,6 +406,8 @@ def test_bfloat16_keeps_norms_softmax_and_timestep_mlp_in_float32() -> None:
   # The torso's convolutions in bfloat16; the output head (`out_2`, the last conv) in float32.
   assert len(convs) > 2 and all(dtypes(e) == bf16 for e in convs[:-1])
   assert dtypes(convs[-1]) == {jnp.dtype(jnp.float32)}
-  attention = [e for e in eqns if e.primitive.name == "dot_general" and e.invars[0].aval.ndim == 4]
+  attention = [e for e in eqns if e.primitive.name == "dot_general" and e.invars[0].aval.ndim >= 4]
   assert attention and all(dtypes(e) == bf16 for e in attention)
+  products = [e.outvars[0].aval.dtype for e in attention]  # q·kᵀ and weights·v of every block
+  assert products.count(jnp.dtype(jnp.float32)) == products.count(jnp.dtype(jnp.bfloat16)) > 0
   assert jaxpr.out_avals[0].dtype == jnp.float32

@@ -7,8 +7,9 @@ so that `adv_diffusion.nets.torch_mapping` is a purely mechanical rule (see its 
 
 Precision policy (mirrors ADM's fp16 mode): parameters are always float32; `dtype` is the
 compute dtype of convolutions, attention and the activations between them; group norms and the
-attention softmax are evaluated in float32 and cast back, and the timestep-embedding projection
-(`emb_layers_1`) runs in float32, because ADM's `convert_module_to_f16` converts only conv layers.
+attention logits and softmax are evaluated in float32 and cast back, and the timestep-embedding
+projection (`emb_layers_1`) runs in float32, because ADM's `convert_module_to_f16` converts only
+conv layers.
 """
 
 from __future__ import annotations
@@ -225,10 +226,16 @@ def resolve_num_heads(channels: int, num_heads: int, num_head_channels: int) -> 
 
 
 def qkv_attention(qkv: Array, num_heads: int, new_order: bool) -> Array:
-  """Multi-head attention on packed (B, T, 3*C) qkv, returning (B, T, C).
+  """Multi-head attention softmax(q·kᵀ/sqrt(ch))·v on packed (B, T, 3*C) qkv, returning (B, T, C).
 
   Channel packing as in ADM: the legacy order is (head, q/k/v, ch) - `QKVAttentionLegacy` -
   and the new order is (q/k/v, head, ch) - `QKVAttention`. The output is (head, ch).
+
+  Computed by `jax.nn.dot_product_attention` on (batch, seq, heads, head_dim) views: XLA's
+  implementation, or whichever JAX picks where it may (cuDNN on GPU). It forms the logits in
+  float32 (low-precision q and k accumulate there) and takes a float32 softmax, the precision
+  policy of this module. q and k come scaled by ch**-0.25 each and the logits unscaled, in ADM's
+  order (against fp16 overflow), so that float32 results match ADM's to rounding.
   """
   batch, length, width = qkv.shape
   ch = width // (3 * num_heads)
@@ -236,11 +243,8 @@ def qkv_attention(qkv: Array, num_heads: int, new_order: bool) -> Array:
     q, k, v = jnp.moveaxis(qkv.reshape(batch, length, 3, num_heads, ch), 2, 0)
   else:
     q, k, v = jnp.moveaxis(qkv.reshape(batch, length, num_heads, 3, ch), 3, 0)
-  # ADM scales q and k by ch**-0.25 each (more stable in low precision than dividing after).
   scale = 1.0 / math.sqrt(math.sqrt(ch))
-  weight = jnp.einsum("bthc,bshc->bhts", q * scale, k * scale)
-  weight = jax.nn.softmax(weight.astype(jnp.float32), axis=-1).astype(weight.dtype)
-  out = jnp.einsum("bhts,bshc->bthc", weight, v)
+  out = jax.nn.dot_product_attention(q * scale, k * scale, v, scale=1.0, implementation=None)
   return out.reshape(batch, length, num_heads * ch)
 
 
