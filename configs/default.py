@@ -84,7 +84,10 @@ def get_config() -> ml_collections.ConfigDict:
   story.clean_steps = 600  # minibatches of the clean stage the AT and control runs start from
   story.clean_learning_rate = 1e-3  # peak learning rate of the clean stage
   story.clean_warmup_steps = 100  # warm-up of the clean stage
+  story.clean_batch_size = 0  # minibatch size of the clean stage; 0 = train.batch_size
   story.clean_workdir = ""  # an existing clean run to start from instead ("" = WORKDIR/clean)
+  story.clean_weights = ""  # a weights .npz to start AT and control from; "" = train stage 1
+  story.clean_weights_sha256 = ""  # its expected sha256 ("" = unchecked)
   story.methods = ("ddim", "dpm_solver++")  # samplers of the final table
   story.nfes = (5, 10)  # NFE columns of the final table
   story.num_samples = 150  # samples per table cell (Inception: ~0.2 s per image on 2 CPU cores)
@@ -157,7 +160,10 @@ def get_config() -> ml_collections.ConfigDict:
   train.sample_every = 1000  # write a PNG sample grid every this many steps; 0 = never
   train.sample_grid_size = 64  # images in the periodic sample grid
   train.sample_respacing = "50"  # ADM respacing of the grid's ancestral sampler
-  train.init_from = ""  # workdir of another run: start from its params and EMA, fresh optimizer
+  # workdir of another run, or a weights .npz (--mode=export_weights): start from its params and
+  # EMA (a weights file: both from its one tree), fresh optimizer
+  train.init_from = ""
+  train.init_from_sha256 = ""  # expected sha256 of an `init_from` weights file; "" = unchecked
   train.init_from_step = -1  # checkpoint step of `init_from`; -1 = its latest
   train.init_from_command = ""  # how to train the `init_from` run (shown when it is missing)
   # A non-finite loss or parameter after an update: "skip" drops the update (the state stays
@@ -202,5 +208,11 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.max_reference_images = 0  # use only the first N images of the split; 0 = all
   evaluation.precision_recall = True  # k-NN precision/recall (needs an image reference)
   evaluation.fid_method = "sqrtm"  # "sqrtm" (pytorch-fid numerics) | "eigh" (same value, faster)
+  # fid_stats: keep the reference's pool features in its statistics file (8 KB per image), so
+  # that KID and precision/recall can be computed against it.
+  evaluation.reference_features = True
+  # eval: also write the samples' pool features to WORKDIR/eval/<samples>_pool.npz (8 KB per
+  # image; the main job's paired AT − control comparison reads them).
+  evaluation.save_sample_features = False
 
   return config

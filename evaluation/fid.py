@@ -225,13 +225,18 @@ class ReferenceStatistics:
   path: str
   sha256: str
   provenance: dict
+  pool_features: np.ndarray | None = None  # (count, 2048) when the file keeps them (KID, P/R)
 
 
 def statistics_arrays(
-    pool: FIDStatistics, spatial: FIDStatistics | None = None, provenance: dict | None = None
+    pool: FIDStatistics,
+    spatial: FIDStatistics | None = None,
+    provenance: dict | None = None,
+    pool_features: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
   """The arrays of a statistics file: `mu`, `sigma` (pytorch-fid's names), `mu_s`, `sigma_s`
-  (ADM's) and the JSON provenance. pytorch-fid and ADM's evaluator both read such a file (they
+  (ADM's), the JSON provenance and optionally the reference's `pool_features` (float32, what
+  KID and precision/recall need). pytorch-fid and ADM's evaluator both read such a file (they
   ignore keys they do not know); `modes.statistics_file.save_statistics` writes it."""
   record = dict(pool.provenance)
   record.update(provenance or {})
@@ -244,6 +249,13 @@ def statistics_arrays(
   }
   if spatial is not None:
     arrays.update(mu_s=spatial.mu, sigma_s=spatial.sigma)
+  if pool_features is not None:
+    if pool_features.shape != (pool.count, pool.mu.shape[0]):
+      raise EvaluationError(
+          f"pool features of shape {pool_features.shape} do not belong to statistics of "
+          f"{pool.count} features of dimension {pool.mu.shape[0]}."
+      )
+    arrays["pool_features"] = np.asarray(pool_features, np.float32)
   return arrays
 
 
@@ -275,8 +287,13 @@ def load_statistics(path: str) -> ReferenceStatistics:
             count,
             provenance,
         )
+      features = None
+      if "pool_features" in keys:
+        features = validate_features(
+            data["pool_features"], pool.mu.shape[0], what=f"the pool features in {path}"
+        )
   except EvaluationError:
     raise
   except Exception as e:
     raise EvaluationError(f"statistics file {path} could not be read ({e}).") from None
-  return ReferenceStatistics(pool, spatial, path, file_sha256(path), provenance)
+  return ReferenceStatistics(pool, spatial, path, file_sha256(path), provenance, features)

@@ -81,8 +81,9 @@ def load_reference(
 
   From images, the statistics are recomputed with this pipeline (an ADM batch's precomputed
   `mu`/`sigma` came from TF and are ignored, so both sides of the FID share one pipeline); the
-  pool features are kept for precision/recall. From a statistics file (ours, pytorch-fid's) only
-  FID and, when `mu_s`/`sigma_s` are present, sFID can be computed.
+  pool features are kept for precision/recall and KID. From a statistics file (ours,
+  pytorch-fid's) FID and, when `mu_s`/`sigma_s` are present, sFID can be computed, and KID and
+  precision/recall when it keeps the reference's `pool_features` (`--mode=fid_stats` does).
   """
   if not os.path.isfile(path):
     raise EvaluationError(f"reference file {path} does not exist.")
@@ -103,7 +104,7 @@ def load_reference(
     stats = fid.load_statistics(path)
     record = dict(stats.provenance)
     record.update(source)
-    return Reference(stats.pool, stats.spatial, None, record)
+    return Reference(stats.pool, stats.spatial, stats.pool_features, record)
   feats, pool, spatial = image_statistics(
       images, weights, resize_rule, batch_size, progress=progress
   )
@@ -127,6 +128,7 @@ def evaluate(
     progress: bool = True,
     fid_method: str = "sqrtm",
     kid: bool = True,
+    keep_features: bool = False,
 ) -> dict[str, Any]:
   """FID, sFID, Inception Score, precision/recall and KID of uint8 samples, with provenance.
 
@@ -137,7 +139,8 @@ def evaluate(
   skips it; see `kid.kernel_inception_distance`). A reference whose recorded weights hash or
   resize rule differs from this pipeline's is refused (such an FID compares two pipelines, not
   models). `fid_method`: "sqrtm" (pytorch-fid's numerics) or "eigh" (same value, faster; see
-  `fid.frechet_distance`).
+  `fid.frechet_distance`). `keep_features`: also return the samples' (N, 2048) pool features
+  under `pool_features` (for paired comparisons of two sample sets, `kid.paired_mmd2_difference`).
   """
   weights = _weights(weights)
   if not isinstance(reference, Reference):
@@ -200,4 +203,6 @@ def evaluate(
   )
   record.update(provenance or {})
   result["provenance"] = record
+  if keep_features:
+    result["pool_features"] = feats["pool"]
   return result

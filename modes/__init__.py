@@ -20,6 +20,7 @@ MODES = {
     "robustness": "modes.robustness:run",
     "import_torch": "modes.torch_io:run_import",
     "export_torch": "modes.torch_io:run_export",
+    "export_weights": "modes.weights_file:run_export",
 }
 
 

@@ -42,6 +42,7 @@ MODE_SECTIONS = {
     ),
     "import_torch": TRAINING + ("torch_io",),
     "export_torch": TRAINING + ("torch_io",),
+    "export_weights": ("data", "model", "train", "sampling"),
 }
 
 
@@ -286,7 +287,10 @@ def _validate_story(config) -> None:
   st = config.story
   _check_int(config, "story.clean_steps", 1)
   _check_int(config, "story.clean_warmup_steps", 0)
-  _check_int(config, "story.num_samples", 2)
+  _check_int(config, "story.clean_batch_size", 0)
+  _check_int(config, "story.num_samples", 3)  # the paired comparison needs 3 pairs
+  if st.clean_weights and not st.clean_weights.endswith(".npz"):
+    _fail("story.clean_weights", st.clean_weights, "name a weights .npz or use '' (train it)")
   _check_float(config, "story.clean_learning_rate", 0.0, float("inf"), low_open=True)
   if not st.methods or any(m not in METHODS or m == "consistency" for m in st.methods):
     _fail("story.methods", st.methods, f"use a non-empty tuple of {list(METHODS[:-1])}")

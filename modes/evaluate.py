@@ -12,6 +12,7 @@ sample count, checkpoint step, EMA or raw, sampler, uint8 rule).
 import json
 import os
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
@@ -47,21 +48,25 @@ def run_fid_stats(config: ml_collections.ConfigDict, workdir: str) -> str:
         path, _weights_path(config), e.resize_rule, e.batch_size, progress=False
     )
     record = cached.provenance
-    if (record.get("dataset"), record.get("split"), record.get("count")) == (
+    has_what_is_asked = cached.pool_features is not None or not e.reference_features
+    if has_what_is_asked and (record.get("dataset"), record.get("split"), record.get("count")) == (
         d.dataset,
         d.split,
         int(images.shape[0]),
     ):
       logging.info("Reference statistics already in %s.", path)
       return path
-  _, pool, spatial = metrics.image_statistics(
+  feats, pool, spatial = metrics.image_statistics(
       images, _weights_path(config), e.resize_rule, e.batch_size
   )
   record = dict(
       pool.provenance, dataset=d.dataset, split=d.split, data_dir=d.data_dir or "TFDS default"
   )
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  statistics_file.save_reference(path, metrics.Reference(pool, spatial, None, record))
+  kept = feats["pool"] if e.reference_features else None
+  if jax.process_index() == 0:  # every process holds the same statistics; one writes them
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    statistics_file.save_reference(path, metrics.Reference(pool, spatial, kept, record))
+  _all_processes_reach("fid_stats: reference written")
   logging.info(
       "Wrote reference statistics of %d %s/%s images to %s.",
       images.shape[0],
@@ -70,6 +75,14 @@ def run_fid_stats(config: ml_collections.ConfigDict, workdir: str) -> str:
       path,
   )
   return path
+
+
+def _all_processes_reach(name: str) -> None:
+  """No process reads what process 0 writes before it is written."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
 
 
 def samples_path(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -153,11 +166,17 @@ def evaluate_samples(config: ml_collections.ConfigDict, workdir: str) -> dict:
       precision_recall=e.precision_recall,
       provenance=provenance,
       fid_method=e.fid_method,
+      keep_features=e.save_sample_features,
   )
   out = record_path(path, workdir)
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(result, f, indent=2, default=float)
+  features = result.pop("pool_features", None)
+  if jax.process_index() == 0:  # every process holds the same scores; one writes them
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    if features is not None:
+      np.savez(features_path(path, workdir), pool_features=features)
+    with open(out, "w") as f:
+      json.dump(result, f, indent=2, default=float)
+  _all_processes_reach("eval: scores written")
   logging.info("FID %.3f over %d samples -> %s", result["fid"], samples.shape[0], out)
   print(
       f"FID {result['fid']:.4f} ({samples.shape[0]} samples, reference "
@@ -169,6 +188,11 @@ def evaluate_samples(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def record_path(samples: str, workdir: str) -> str:
   """Where the JSON record of the sample file `samples` goes."""
   return os.path.join(workdir, "eval", os.path.splitext(os.path.basename(samples))[0] + ".json")
+
+
+def features_path(samples: str, workdir: str) -> str:
+  """Where `evaluation.save_sample_features` writes the pool features of the sample file."""
+  return os.path.splitext(record_path(samples, workdir))[0] + "_pool.npz"
 
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> str:

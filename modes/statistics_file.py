@@ -14,9 +14,10 @@ def save_statistics(
     pool: fid.FIDStatistics,
     spatial: fid.FIDStatistics | None = None,
     provenance: dict | None = None,
+    pool_features: np.ndarray | None = None,
 ) -> str:
   """Writes `fid.statistics_arrays` as an npz file at `path`; returns the file's sha256."""
-  arrays = fid.statistics_arrays(pool, spatial, provenance)
+  arrays = fid.statistics_arrays(pool, spatial, provenance, pool_features)
   os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
   with open(path, "wb") as f:  # A file object keeps np.savez from appending ".npz".
     np.savez(f, **arrays)
@@ -24,5 +25,8 @@ def save_statistics(
 
 
 def save_reference(path: str, reference: Reference) -> str:
-  """Writes a reference's statistics and provenance; returns the file's sha256."""
-  return save_statistics(path, reference.pool, reference.spatial, reference.provenance)
+  """Writes a reference's statistics, provenance and pool features (if it has them); returns the
+  file's sha256."""
+  return save_statistics(
+      path, reference.pool, reference.spatial, reference.provenance, reference.pool_features
+  )

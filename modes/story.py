@@ -8,9 +8,13 @@ Stages, each a resumable run in its own sub-directory of the workdir:
                 optimizer, schedule and EMA, adversarial training off, and as many optimizer
                 updates as AT makes (K per minibatch for "fast" AT, 1 for "pgd");
   4. `table/`   samples of the AT and control runs for `story.methods` × `story.nfes`, FID
-                (and the other metrics) against the reference statistics, markdown + CSV +
-                FID-vs-NFE plot, through `--mode=table` (resumable cell by cell).
-A killed story resumes at the stage (and step, or cell) where it stopped.
+                and KID against the reference statistics, markdown + CSV + FID-vs-NFE plot,
+                through `--mode=table` (resumable cell by cell);
+  5. `story/`   the verdict (`story_report`): AT − control KID per cell with its paired
+                standard error, side-by-side sample grids from the same noise, one sentence.
+With `story.clean_weights` (a weights .npz, e.g. the one configs/digits_at.py ships) stage 1
+is skipped and AT and control start from those weights. A killed story resumes at the stage
+(and step, or cell) where it stopped.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import os
 import ml_collections
 from absl import logging
 
-from modes import table as tables, train
+from modes import story_report, table as tables, train
 from modes.config_validation import validate_config
 from evaluation import inception
 
@@ -51,13 +55,21 @@ def stage_configs(
   clean.optim.learning_rate = story.clean_learning_rate
   clean.optim.warmup_steps = story.clean_warmup_steps
   clean.train.num_steps = story.clean_steps
+  clean.train.batch_size = story.clean_batch_size or config.train.batch_size
   clean.train.init_from = ""
   clean.train.checkpoint_every = min(clean.train.checkpoint_every, story.clean_steps)
   clean.train.sample_every = story.clean_steps if config.train.sample_every else 0
 
   at = _copy(config)
-  at.train.init_from, at.train.init_from_step = clean_dir, -1
-  at.train.init_from_command = "the story's clean stage (run the same command again)"
+  if story.clean_weights:
+    at.train.init_from, at.train.init_from_sha256 = story.clean_weights, story.clean_weights_sha256
+    at.train.init_from_command = (
+        "restore it with `git checkout` or train the clean stage in the story with "
+        "--config.story.clean_weights=''"
+    )
+  else:
+    at.train.init_from, at.train.init_from_step = clean_dir, -1
+    at.train.init_from_command = "the story's clean stage (run the same command again)"
 
   k = updates_per_step(config)
   control = _copy(at)
@@ -81,6 +93,7 @@ def table_config(
     config: ml_collections.ConfigDict, run_dirs: dict[str, str]
 ) -> ml_collections.ConfigDict:
   cfg = _copy(config)
+  cfg.evaluation.save_sample_features = True  # the paired comparison reads them
   story = config.story
   cfg.table.runs = ",".join(f"{label}={run_dirs[name]}" for name, label in TABULATED.items())
   cfg.table.methods, cfg.table.nfes = tuple(story.methods), tuple(story.nfes)
@@ -99,22 +112,31 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str | None:
     run_dirs["clean"] = config.story.clean_workdir
   for number, name in enumerate(STAGES, start=1):
     cfg, run_dir = configs[name], run_dirs[name]
+    if name == "clean" and config.story.clean_weights:
+      logging.info("Story stage 1/5 (clean): the weights %s.", config.story.clean_weights)
+      continue
     if _finished(run_dir, cfg.train.num_steps):
-      logging.info("Story stage %d/4 (%s): done before, in %s.", number, name, run_dir)
+      logging.info("Story stage %d/5 (%s): done before, in %s.", number, name, run_dir)
       continue
     logging.info(
-        "Story stage %d/4 (%s): %d steps in %s.", number, name, cfg.train.num_steps, run_dir
+        "Story stage %d/5 (%s): %d steps in %s.", number, name, cfg.train.num_steps, run_dir
     )
     train.train(cfg, run_dir)
     if not _finished(run_dir, cfg.train.num_steps):  # preempted: the stage saved and returned
       return None
   logging.info(
-      "Story stage 4/4: samples and FID (%s × NFE %s, %d samples per cell).",
+      "Story stage 4/5: samples, FID and KID (%s × NFE %s, %d samples per cell).",
       "/".join(config.story.methods),
       "/".join(map(str, config.story.nfes)),
       config.story.num_samples,
   )
-  path = tables.run(table_config(config, run_dirs), workdir)
+  results, reference = tables.tabulate(table_config(config, run_dirs), workdir)
+  path = os.path.join(workdir, "table", "table.md")
+  logging.info("Story stage 5/5: AT − control, paired, with its uncertainty.")
+  verdict = story_report.write_report(
+      results, TABULATED["at"], TABULATED["control"], reference, os.path.join(workdir, "story")
+  )
   with open(path) as f:
     print(f.read())
+  print(verdict)
   return path

@@ -38,7 +38,7 @@ PUBLISHED_CIFAR10: dict[tuple[str, str, int], float] = {
     ("CD", "consistency", 2): 2.93,  # LPIPS distance
 }
 PUBLISHED = {"cifar10": PUBLISHED_CIFAR10}  # dataset → published numbers
-METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
+METRICS = ("fid", "sfid", "kid", "kid_std", "inception_score", "precision", "recall")
 
 
 def published_fid(dataset: str, label: str, method: str, nfe: int) -> float | None:
@@ -150,6 +150,12 @@ def fill_cells(cells: list[tuple[str, str, Callable[[], dict]]], cell_dir: str) 
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Computes the missing cells, then writes table.md, table.csv and fid_vs_nfe.png; returns
   the markdown path."""
+  tabulate(config, workdir)
+  return os.path.join(workdir, "table", "table.md")
+
+
+def tabulate(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[dict], str]:
+  """`run`'s work; returns the cell results in table order and the reference statistics path."""
   validate_config(config, "table")
   grid = cell_grid(config)
   out_dir = os.path.join(workdir, "table")
@@ -172,7 +178,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
 
   results = fill_cells([cell(*c) for c in grid], os.path.join(out_dir, "cells"))
   write_outputs(results, out_dir)
-  return os.path.join(out_dir, "table.md")
+  return results, reference
 
 
 def write_csv(path: str, header: list[str], rows: list[list[Any]]) -> None:
@@ -182,8 +188,11 @@ def write_csv(path: str, header: list[str], rows: list[list[Any]]) -> None:
     writer.writerows(rows)
 
 
+DECIMALS = {"kid": 6, "kid_std": 6}  # KID is ~1e-3: six decimals; the others four
+
+
 def metric_values(result: dict) -> list[str]:
-  return ["" if result.get(m) is None else f"{result[m]:.4f}" for m in METRICS]
+  return ["" if result.get(m) is None else f"{result[m]:.{DECIMALS.get(m, 4)}f}" for m in METRICS]
 
 
 def markdown_grid(

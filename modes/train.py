@@ -28,7 +28,7 @@ from modes import checkpoint as ckpt_lib
 from modes import data as data_lib
 from modes import images as image_lib
 from modes import nonfinite, parallel
-from modes import run_config
+from modes import run_config, weights_file
 from modes.sample_grid import make_grid_sampler
 from modes import teacher as teacher_lib
 from modes.config_validation import validate_config
@@ -175,7 +175,19 @@ def restore_or_init(
   if resumed is not None:
     logging.info("Resuming from %s at step %d.", checkpointer.directory, resumed[1])
     return resumed[0]
-  if config.train.init_from:
+  t = config.train
+  if t.init_from and weights_file.is_weights_file(t.init_from):
+    loaded = weights_file.load_weights(
+        t.init_from, state.params, t.init_from_sha256, how=t.init_from_command
+    )
+    logging.info(
+        "Initialised params and EMA from the weights file %s (fresh optimizer).", t.init_from
+    )
+    state = state.replace(
+        params=weights_file.placed_like(loaded, state.params),
+        ema_params=tuple(weights_file.placed_like(loaded, e) for e in state.ema_params),
+    )
+  elif t.init_from:
     target = {"params": state.params, "ema_params": state.ema_params}
     model, step = ckpt_lib.load_model_weights(
         config.train.init_from, config.train.init_from_step, target, config.train.init_from_command
@@ -225,7 +237,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
   if t.init_from and not resuming:
     # Fail before loading data or compiling when the run to start from is missing.
-    ckpt_lib.require_checkpoint(t.init_from, t.init_from_step, t.init_from_command)
+    if weights_file.is_weights_file(t.init_from):
+      weights_file.check_file(t.init_from, t.init_from_sha256, t.init_from_command)
+    else:
+      ckpt_lib.require_checkpoint(t.init_from, t.init_from_step, t.init_from_command)
   cm = config.consistency
   if cm.mode == "distill":
     ckpt_lib.require_checkpoint(

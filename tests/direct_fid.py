@@ -19,8 +19,9 @@ little here: the story's ADM-AT and control cells are 1e-4 apart and the robustn
 random and adversarial cells 3e-4, so 1e-3 would not tell one cell's number from another's.
 (A full 2048-d sqrtm of the same cell, for comparison, lands 7e-8 from both.)
 
-KID: these modes score against a statistics file, which has no reference features, so they
-report no KID (nor precision/recall); there is nothing to recompute for them.
+KID: the statistics files of `--mode=fid_stats` keep the reference's pool features, so the
+cells report KID; it is recomputed with `evaluation.kid.kernel_inception_distance` (itself pinned
+to torch-fidelity in test_kid.py) on the directly computed features and the file's features.
 """
 
 import csv
@@ -33,7 +34,7 @@ from jax.sharding import Mesh
 from scipy import linalg
 
 from evaluation import features as features_lib
-from evaluation import inception
+from evaluation import inception, kid
 
 RTOL = 1e-5
 CSV_ROUNDING = 5e-5  # the CSV writes 4 decimals
@@ -62,7 +63,7 @@ def frechet_distance(feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarra
 def direct_scores(
     samples_file: str, reference_file: str, weights: str, resize_rule: str, batch_size: int
 ) -> dict[str, float]:
-  """{"fid", "sfid"} of the uint8 images `arr_0` of `samples_file` against `reference_file`."""
+  """{"fid", "sfid", "kid" (when the file keeps pool features)} of the uint8 images `arr_0` of `samples_file` against `reference_file`."""
   with np.load(samples_file) as data:
     images = data["arr_0"]
   one_device = Mesh(np.asarray(jax.devices()[:1]), (features_lib.DATA_AXIS,))
@@ -70,10 +71,16 @@ def direct_scores(
       images, weights, batch_size, resize_rule, logits=False, mesh=one_device, progress=False
   )
   with np.load(reference_file) as ref:
-    return {
+    scores = {
         "fid": frechet_distance(feats["pool"], ref["mu"], ref["sigma"]),
         "sfid": frechet_distance(feats["spatial"], ref["mu_s"], ref["sigma_s"]),
     }
+    if "pool_features" in ref.files:
+      size = min(kid.DEFAULT_SUBSET_SIZE, len(feats["pool"]), len(ref["pool_features"]))
+      scores["kid"] = kid.kernel_inception_distance(
+          feats["pool"], ref["pool_features"], subset_size=size
+      )[0]
+  return scores
 
 
 def read_csv(path: str) -> list[dict]:
@@ -113,7 +120,12 @@ def assert_cells_match_direct(
         record["samples_file"], reference_file, weights, record["resize_rule"], batch_size
     )
     print(f"{row}: direct {direct}")
+    assert "kid" in direct  # fid_stats keeps the reference features
     for metric, value in direct.items():
+      if metric == "kid":  # near 0 and of either sign: an absolute tolerance on top
+        assert abs(cell[metric] - value) <= RTOL * abs(value) + 1e-9, (cell[metric], value)
+        assert abs(float(row[metric]) - value) <= 5e-7, (row[metric], value)  # 6 decimals
+        continue
       assert value > 1.0
       assert abs(float(row[metric]) - value) <= RTOL * value + CSV_ROUNDING, (
           metric,

@@ -2,9 +2,13 @@
 equal-budget clean control from the same checkpoint → FID table; a rerun redoes nothing."""
 
 import csv
+import glob
+import json
 import os
 
-from evaluation import convert_inception
+import numpy as np
+
+from evaluation import convert_inception, fid, kid
 from tests import direct_fid, run_utils
 
 
@@ -62,6 +66,26 @@ def test_story_runs_every_stage_with_equal_updates_and_resumes(tmp_path):
   for cell, stage in zip(scored, ("at", "control")):
     samples = os.path.join(workdir, stage, "samples")
     assert os.path.dirname(cell["provenance"]["samples_file"]) == samples
+
+  # The verdict: the paired KID difference of the two cells' saved features, recomputed here.
+  with open(os.path.join(workdir, "story", "comparison.json")) as f:
+    (comparison,) = json.load(f)
+  reference = fid.load_statistics(os.path.join(workdir, "eval", "reference.npz"))
+  assert reference.pool_features.shape == (8, 2048)
+  features = []
+  for row in ("at", "control"):
+    sample_file = glob.glob(os.path.join(workdir, row, "samples", "ddim*_nfe2_*.npz"))
+    (path,) = [p for p in sample_file if not p.endswith("_pool.npz")]
+    with np.load(
+        os.path.join(workdir, row, "eval", os.path.basename(path)[:-4] + "_pool.npz")
+    ) as d:
+      features.append(d["pool_features"])
+  direct = kid.paired_mmd2_difference(*features, reference.pool_features)
+  assert comparison["difference"] == direct["difference"] != 0
+  assert comparison["standard_error"] == direct["standard_error"] > 0
+  assert comparison["pairs"] == 8 and comparison["reference_rows"] == 8
+  assert "Verdict over 1 cell(s)" in first.stdout
+  assert os.path.isfile(os.path.join(workdir, "story", "at_vs_control_ddim_nfe2.png"))
 
   again = run_utils.run_main(workdir, *args)
   assert again.stderr.count("done before") == 5  # three stages, two cells
