@@ -9,7 +9,7 @@ noise for both runs, FID and KID against all 1,797 embedded digits, side-by-side
 verdict: AT − control KID with its paired standard error (modes/story.py, story_report.py).
 Measured runtime in the README ("What the main job does").
 
-Train the clean model inside the job instead (the whole pipeline, ~18 minutes more here):
+Train the clean model inside the job instead (the whole pipeline, ~45 minutes more on 2 cores):
   python main.py --config=configs/digits_at.py --workdir=runs/digits_at_full \
     --config.story.clean_weights=''
 
