@@ -7,6 +7,7 @@ Costs on 2 CPU cores: an Inception forward is ~0.2 s/image in JAX and ~0.4 s/ima
 and reused, and only one test runs a full-size sqrtm.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -581,14 +582,22 @@ def test_evaluate_from_an_adm_reference_batch(weights, tmp_path):
   assert p["weights_sha256"] == weights.sha256 and p["resize_rule"] == "tf1_bilinear"
   assert p["num_samples"] == 10 and p["checkpoint_step"] == 7
   assert (p["kid_subsets"], p["kid_subset_size"], p["kid_seed"]) == (100, 10, 2020)
-  # A statistics-only reference has no features: FID and sFID, no precision/recall or KID.
+  # A statistics file keeps the reference's pool features: the same scores as from images.
   saved = str(tmp_path / "ref_stats.npz")
   statistics_file.save_reference(saved, reference)
   from_stats = metrics.evaluate(
       images, saved, weights, batch_size=8, progress=False, fid_method="eigh"
   )
-  assert from_stats.keys() == {"fid", "sfid", "provenance"}
-  assert "kid_subset_size" not in from_stats["provenance"]
+  for key in ("fid", "sfid", "precision", "recall", "kid", "kid_std"):
+    np.testing.assert_allclose(from_stats[key], result[key], rtol=1e-6, atol=1e-12)
+  # One without features (pytorch-fid's, or saved without them): FID and sFID only.
+  bare = str(tmp_path / "ref_stats_bare.npz")
+  statistics_file.save_reference(bare, dataclasses.replace(reference, pool_features=None))
+  from_bare = metrics.evaluate(
+      images, bare, weights, batch_size=8, progress=False, fid_method="eigh"
+  )
+  assert from_bare.keys() == {"fid", "sfid", "provenance"}
+  assert "kid_subset_size" not in from_bare["provenance"]
   # Statistics saved with one pipeline are refused by another.
   with pytest.raises(EvaluationError, match="resize_rule"):
     metrics.evaluate(images, saved, weights, resize_rule="pytorch_bilinear", progress=False)
