@@ -63,9 +63,9 @@ def stage_configs(
   at = _copy(config)
   if story.clean_weights:
     at.train.init_from, at.train.init_from_sha256 = story.clean_weights, story.clean_weights_sha256
+    # The weights-file errors already say "restore it (git checkout PATH) or <this>".
     at.train.init_from_command = (
-        "restore it with `git checkout` or train the clean stage in the story with "
-        "--config.story.clean_weights=''"
+        "train the clean stage in the story with --config.story.clean_weights=''"
     )
   else:
     at.train.init_from, at.train.init_from_step = clean_dir, -1

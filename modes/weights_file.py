@@ -23,17 +23,17 @@ from modes.errors import CheckpointError
 PREFIX = "params/"
 
 
-def _flatten(tree: Any) -> dict[str, np.ndarray]:
-  flat = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-    flat[PREFIX + name] = np.asarray(leaf, np.float32)
-  return flat
+def _named_leaves(tree: Any) -> dict[str, Any]:
+  """`params/<module>/.../<leaf>` → leaf, in the tree's flattening order."""
+  return {
+      PREFIX + "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
+      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def save_weights(path: str, params: Any, provenance: dict) -> str:
   """Writes `params` and `provenance` to `path` atomically; returns the file's sha256."""
-  arrays = _flatten(jax.device_get(params))
+  arrays = {k: np.asarray(v, np.float32) for k, v in _named_leaves(jax.device_get(params)).items()}
   arrays["provenance"] = np.asarray(json.dumps(provenance, sort_keys=True, default=str))
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
@@ -75,9 +75,9 @@ def load_weights(path: str, target: Any, sha256: str = "", how: str = "") -> Any
     raise CheckpointError(
         f"the weights file {path} is not a readable numpy .npz ({type(exc).__name__}); {how}."
     ) from exc
-  wanted = _flatten(jax.tree.map(lambda a: np.zeros(a.shape, np.float32), target))
+  wanted = _named_leaves(target)
   missing, extra = sorted(set(wanted) - set(stored)), sorted(set(stored) - set(wanted))
-  wrong = [k for k in wanted if k in stored and stored[k].shape != wanted[k].shape]
+  wrong = [k for k in wanted if k in stored and stored[k].shape != tuple(wanted[k].shape)]
   if missing or extra or wrong:
     first = (missing or extra or wrong)[0][len(PREFIX) :]
     raise CheckpointError(
@@ -85,10 +85,8 @@ def load_weights(path: str, target: Any, sha256: str = "", how: str = "") -> Any
         f"{len(extra)} unexpected, {len(wrong)} differently shaped arrays, e.g. {first}); use "
         "the model config the weights were trained with."
     )
-  leaves, treedef = jax.tree_util.tree_flatten(target)
-  names = list(wanted)  # the same order: both come from tree_flatten_with_path of one tree
-  arrays = [stored[name].astype(leaf.dtype) for name, leaf in zip(names, leaves)]
-  return jax.tree_util.tree_unflatten(treedef, arrays)
+  arrays = [stored[name].astype(leaf.dtype) for name, leaf in wanted.items()]
+  return jax.tree_util.tree_unflatten(jax.tree.structure(target), arrays)
 
 
 def placed_like(params: Any, target: Any) -> Any:
