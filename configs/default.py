@@ -92,6 +92,11 @@ def get_config() -> ml_collections.ConfigDict:
   story.nfes = (5, 10)  # NFE columns of the final table
   story.num_samples = 150  # samples per table cell (Inception: ~0.2 s per image on 2 CPU cores)
 
+  # ---- the story over seeds, with robustness (--mode=study; configs/digits_study.py) ------
+  config.study = study = ml_collections.ConfigDict()
+  study.seeds = (0, 1, 2)  # config.seed and sampling.seed of each repetition of the story
+  study.robustness = True  # also compare AT and control under --mode=robustness's attacks
+
   # ---- robustness under attack (--mode=robustness): FID against perturbation budget --------
   config.robustness = rob = ml_collections.ConfigDict()
   rob.runs = ""  # "LABEL=WORKDIR,..." runs to attack; "" = table.runs
@@ -211,6 +216,12 @@ def get_config() -> ml_collections.ConfigDict:
   # fid_stats: keep the reference's pool features in its statistics file (8 KB per image), so
   # that KID and precision/recall can be computed against it.
   evaluation.reference_features = True
+  # fid_stats: take the reference's pool features from this file (written by an earlier fid_stats
+  # with export_reference_features) when it describes the same images, Inception weights and
+  # resize rule, instead of running Inception over the images; its sha256 is checked when given.
+  evaluation.reference_features_file = ""
+  evaluation.reference_features_sha256 = ""
+  evaluation.export_reference_features = ""  # fid_stats: also write such a file to this path
   # eval: also write the samples' pool features to WORKDIR/eval/<samples>_pool.npz (8 KB per
   # image; the main job's paired AT − control comparison reads them).
   evaluation.save_sample_features = False

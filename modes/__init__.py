@@ -13,6 +13,7 @@ from typing import Callable
 MODES = {
     "train": "modes.train:run",
     "story": "modes.story:run",
+    "study": "modes.study:run",
     "sample": "modes.sample:run",
     "fid_stats": "modes.evaluate:run_fid_stats",
     "eval": "modes.evaluate:run_eval",

@@ -27,7 +27,8 @@ flags.DEFINE_enum(
     None,
     list(MODES),
     "What to run (default: config.mode): train; story (clean run → AT fine-tune and "
-    "an equal-budget clean control → table, config.story); sample (config.sampling "
+    "an equal-budget clean control → table, config.story); study (the story over "
+    "config.study.seeds, with robustness); sample (config.sampling "
     "from the workdir's checkpoint); fid_stats (reference statistics of "
     "config.data); eval (FID of a sample set); table (config.table's grid of runs × "
     "samplers × NFE); robustness (FID against the budget of trajectory "

@@ -16,6 +16,7 @@ TRAINING = ("data", "model", "diffusion", "optim", "train", "adversarial", "cons
 MODE_SECTIONS = {
     "train": TRAINING,
     "story": TRAINING + ("story", "table", "sampling", "evaluation"),
+    "study": TRAINING + ("story", "study", "table", "robustness", "sampling", "evaluation"),
     "sample": ("data", "model", "diffusion", "train", "consistency", "sampling"),
     "fid_stats": ("data", "evaluation"),
     "eval": ("data", "sampling", "evaluation"),
@@ -50,11 +51,13 @@ def validate_config(config: ml_collections.ConfigDict, mode: str | None = None) 
   """Raises ConfigError with one sentence for the first bad value found in the sections that
   `mode` reads (None: every section)."""
   _check_int(config, "seed", 0)
-  if mode == "story" and (config.adversarial.mode == "none" or config.consistency.mode != "none"):
+  if mode in ("story", "study") and (
+      config.adversarial.mode == "none" or config.consistency.mode != "none"
+  ):
     _fail(
         "adversarial.mode",
         config.adversarial.mode,
-        "--mode=story fine-tunes a diffusion "
+        f"--mode={mode} fine-tunes a diffusion "
         "model with AT: use adversarial.mode 'fast' or 'pgd' and consistency.mode 'none'",
     )
   sections = MODE_SECTIONS[mode] if mode else tuple(_VALIDATORS)
@@ -322,6 +325,16 @@ def _validate_robustness(config) -> None:
     )
 
 
+def _validate_study(config) -> None:
+  seeds = config.study.seeds
+  if (
+      not seeds
+      or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)
+      or len(set(seeds)) != len(seeds)
+  ):
+    _fail("study.seeds", seeds, "use a non-empty tuple of distinct non-negative integers")
+
+
 def _validate_sampling(config) -> None:
   from sampling.registry import METHODS
 
@@ -380,6 +393,7 @@ _VALIDATORS = {
     "table": _validate_table,
     "robustness": _validate_robustness,
     "story": _validate_story,
+    "study": _validate_study,
     "sampling": _validate_sampling,
     "evaluation": _validate_evaluation,
     "torch_io": _validate_torch_io,

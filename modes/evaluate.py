@@ -19,7 +19,7 @@ from absl import logging
 
 from modes import data as data_lib
 from modes.config_validation import validate_config
-from evaluation import metrics
+from evaluation import fid, inception, metrics
 from modes import statistics_file
 
 
@@ -35,7 +35,12 @@ def _weights_path(config: ml_collections.ConfigDict) -> str | None:
 
 
 def run_fid_stats(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Computes (or reuses) the reference statistics of `config.data`; returns their path."""
+  """Computes (or reuses) the reference statistics of `config.data`; returns their path.
+
+  With `config.evaluation.reference_features_file` (a file an earlier fid_stats exported with
+  `evaluation.export_reference_features`), the statistics come from its pool features when it
+  describes the same images through the same Inception weights and resize rule (no sFID then);
+  otherwise Inception runs over the images."""
   validate_config(config, "fid_stats")
   e, d = config.evaluation, config.data
   path = reference_path(config, workdir)
@@ -43,26 +48,26 @@ def run_fid_stats(config: ml_collections.ConfigDict, workdir: str) -> str:
   images = dataset.images
   if e.max_reference_images:
     images = images[: e.max_reference_images]
-  if os.path.isfile(path):
-    cached = metrics.load_reference(
-        path, _weights_path(config), e.resize_rule, e.batch_size, progress=False
-    )
-    record = cached.provenance
-    has_what_is_asked = cached.pool_features is not None or not e.reference_features
-    if has_what_is_asked and (record.get("dataset"), record.get("split"), record.get("count")) == (
-        d.dataset,
-        d.split,
-        int(images.shape[0]),
-    ):
-      logging.info("Reference statistics already in %s.", path)
-      return path
-  feats, pool, spatial = metrics.image_statistics(
-      images, _weights_path(config), e.resize_rule, e.batch_size
-  )
+  images_sha = statistics_file.images_sha256(images)
+  described = dict(dataset=d.dataset, split=d.split, count=int(images.shape[0]))
+  if os.path.isfile(path) and _cached_reference_serves(config, path, described, images_sha):
+    logging.info("Reference statistics already in %s.", path)
+    _export_features(config, path)
+    return path
+  weights = inception.load_inception_weights(_weights_path(config))
   record = dict(
-      pool.provenance, dataset=d.dataset, split=d.split, data_dir=d.data_dir or "TFDS default"
+      metrics.pipeline_provenance(weights, e.resize_rule),
+      **described,
+      images_sha256=images_sha,
+      data_dir=d.data_dir or "TFDS default",
   )
-  kept = feats["pool"] if e.reference_features else None
+  shipped = _shipped_features(config, record)
+  if shipped is not None:
+    pool = fid.compute_statistics(shipped, batch_size=4096, provenance=record)
+    spatial, kept = None, shipped
+  else:
+    feats, pool, spatial = metrics.image_statistics(images, weights, e.resize_rule, e.batch_size)
+    kept = feats["pool"] if e.reference_features else None
   if jax.process_index() == 0:  # every process holds the same statistics; one writes them
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     statistics_file.save_reference(path, metrics.Reference(pool, spatial, kept, record))
@@ -74,7 +79,72 @@ def run_fid_stats(config: ml_collections.ConfigDict, workdir: str) -> str:
       d.split,
       path,
   )
+  _export_features(config, path)
   return path
+
+
+def _cached_reference_serves(
+    config: ml_collections.ConfigDict, path: str, described: dict, images_sha: str
+) -> bool:
+  """Whether the statistics file at `path` describes these images and has what is asked."""
+  e = config.evaluation
+  cached = metrics.load_reference(
+      path, _weights_path(config), e.resize_rule, e.batch_size, progress=False
+  )
+  record = cached.provenance
+  has_what_is_asked = cached.pool_features is not None or not e.reference_features
+  same_images = (
+      all(record.get(k) == v for k, v in described.items())
+      and record.get("images_sha256", images_sha) == images_sha
+  )
+  return has_what_is_asked and same_images
+
+
+def _shipped_features(config: ml_collections.ConfigDict, expected: dict) -> np.ndarray | None:
+  """The pool features of `evaluation.reference_features_file` when it describes what
+  `expected` records, else None (and a warning naming the fields that differ)."""
+  e = config.evaluation
+  if not e.reference_features_file:
+    return None
+  features, provenance = statistics_file.load_reference_features(
+      e.reference_features_file, e.reference_features_sha256
+  )
+  differ = statistics_file.features_file_mismatch(provenance, expected)
+  if differ:
+    logging.warning(
+        "The reference features file %s was computed for other %s; running Inception over "
+        "the images instead.",
+        e.reference_features_file,
+        ", ".join(differ),
+    )
+    return None
+  logging.info(
+      "Reference statistics from the %d pool features in %s (no sFID: the file keeps no "
+      "spatial features).",
+      features.shape[0],
+      e.reference_features_file,
+  )
+  return features
+
+
+def _export_features(config: ml_collections.ConfigDict, statistics: str) -> None:
+  """Writes `evaluation.export_reference_features` (when set) from the statistics file."""
+  out = config.evaluation.export_reference_features
+  if not out or jax.process_index() != 0:
+    return
+  stats = fid.load_statistics(statistics)
+  if stats.pool_features is None or "images_sha256" not in stats.provenance:
+    from modes.errors import UserFacingError
+
+    raise UserFacingError(
+        f"the statistics file {statistics} keeps no pool features or no images_sha256 to "
+        "export; delete it and run --mode=fid_stats again with "
+        "config.evaluation.reference_features=True."
+    )
+  keep = (*statistics_file.FEATURES_FILE_MATCH, "network", "weights_file", "data_dir")
+  provenance = {k: stats.provenance[k] for k in keep if k in stats.provenance}
+  sha = statistics_file.save_reference_features(out, stats.pool_features, provenance)
+  print(f"Wrote {stats.pool_features.shape[0]} reference pool features to {out} (sha256 {sha}).")
 
 
 def _all_processes_reach(name: str) -> None:

@@ -93,6 +93,13 @@ def cell_grid(config: ml_collections.ConfigDict) -> list[tuple[str, str, str, fl
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Computes the missing cells, then writes the markdown, CSV and plot; returns the markdown
   path."""
+  results, _ = tabulate(config, workdir)
+  write_outputs(results, os.path.join(workdir, "robustness"))
+  return os.path.join(workdir, "robustness", "robustness.md")
+
+
+def tabulate(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[dict], str]:
+  """The result of every cell (computed or read back) and the reference statistics path."""
   validate_config(config, "robustness")
   r = config.robustness
   out_dir = os.path.join(workdir, "robustness")
@@ -124,8 +131,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   results = table_mode.fill_cells(
       [cell(*c) for c in cell_grid(config)], os.path.join(out_dir, "cells")
   )
-  write_outputs(results, out_dir)
-  return os.path.join(out_dir, "robustness.md")
+  return results, reference
 
 
 def write_outputs(results: list[dict], out_dir: str) -> None:

@@ -115,3 +115,102 @@ def test_reference_of_other_features_and_wrong_weights_are_one_sentence(tmp_path
     inception.load_inception_weights(tampered)
   assert "sha256" in str(info.value) and "convert_inception" in str(info.value)
   assert str(info.value).count("\n") == 0
+
+
+def _fid_stats_config(weights: str, count: int, **evaluation):
+  from tests.configs import tiny_digits
+
+  config = tiny_digits.get_config()
+  config.evaluation.inception_weights = weights
+  config.evaluation.max_reference_images = count
+  config.evaluation.batch_size = 6
+  for key, value in evaluation.items():
+    config.evaluation[key] = value
+  return config
+
+
+def test_reference_features_file_stands_in_for_inception_only_for_the_same_images(
+    tmp_path, weights, monkeypatch
+):
+  exported = str(tmp_path / "features.npz")
+  from_images = evaluate.run_fid_stats(
+      _fid_stats_config(weights, 12, export_reference_features=exported), str(tmp_path / "a")
+  )
+  source = fid.load_statistics(from_images)
+  features, provenance = statistics_file.load_reference_features(exported)
+  np.testing.assert_array_equal(features, source.pool_features)
+  images = data_lib.load_dataset("digits").images[:12]
+  assert provenance["images_sha256"] == statistics_file.images_sha256(images)
+  assert provenance["count"] == 12 and provenance["weights_sha256"] == inception.FID_HELPER_SHA256
+
+  # From the file: the same FID statistics bit for bit, and Inception never runs.
+  real_image_statistics = metrics.image_statistics
+  monkeypatch.setattr(metrics, "image_statistics", lambda *a, **k: pytest.fail("ran Inception"))
+  sha = inception.file_sha256(exported)
+  shipped = fid.load_statistics(
+      evaluate.run_fid_stats(
+          _fid_stats_config(
+              weights, 12, reference_features_file=exported, reference_features_sha256=sha
+          ),
+          str(tmp_path / "b"),
+      )
+  )
+  np.testing.assert_array_equal(shipped.pool.mu, source.pool.mu)
+  np.testing.assert_array_equal(shipped.pool.sigma, source.pool.sigma)
+  np.testing.assert_array_equal(shipped.pool_features, source.pool_features)
+  assert (
+      shipped.spatial is None and shipped.provenance["images_sha256"] == provenance["images_sha256"]
+  )
+
+  # Other images (the first 10, or 12 with one pixel changed): Inception runs over the images.
+  monkeypatch.setattr(metrics, "image_statistics", real_image_statistics)
+  fewer = fid.load_statistics(
+      evaluate.run_fid_stats(
+          _fid_stats_config(weights, 10, reference_features_file=exported), str(tmp_path / "c")
+      )
+  )
+  assert fewer.pool.count == 10 and fewer.spatial is not None
+  changed = images.copy()
+  changed[0, 0, 0, 0] ^= 1
+  expected = dict(provenance, images_sha256=statistics_file.images_sha256(changed))
+  assert statistics_file.features_file_mismatch(provenance, expected) == ["images_sha256"]
+  assert statistics_file.features_file_mismatch(provenance, dict(provenance)) == []
+
+  # A damaged or foreign file is one sentence, never a silent fallback.
+  with pytest.raises(UserFacingError, match="has sha256 .* where .* is expected"):
+    statistics_file.load_reference_features(exported, "0" * 64)
+  garbage = tmp_path / "garbage.npz"
+  garbage.write_text("x")
+  with pytest.raises(UserFacingError, match="is not one that --mode=fid_stats wrote"):
+    statistics_file.load_reference_features(str(garbage))
+  short = str(tmp_path / "short.npz")
+  statistics_file.save_reference_features(short, features[:5], provenance)
+  with pytest.raises(UserFacingError, match=r"shape \(5, 2048\) where 12 finite rows"):
+    statistics_file.load_reference_features(short)
+  with pytest.raises(UserFacingError, match="does not exist"):
+    statistics_file.load_reference_features(str(tmp_path / "missing.npz"))
+
+
+def test_shipped_digits_reference_features_are_what_inception_gives(weights):
+  """The main job's shipped reference (assets/) describes the embedded digits through this
+  pipeline: its provenance matches, and its rows equal features recomputed from the images."""
+  from configs import digits_at
+
+  config = digits_at.get_config()
+  e = config.evaluation
+  features, provenance = statistics_file.load_reference_features(
+      e.reference_features_file, e.reference_features_sha256
+  )
+  images = data_lib.load_dataset("digits").images
+  loaded = inception.load_inception_weights(weights)
+  expected = dict(
+      metrics.pipeline_provenance(loaded, e.resize_rule),
+      dataset="digits",
+      split="train",
+      count=int(images.shape[0]),
+      images_sha256=statistics_file.images_sha256(images),
+  )
+  assert statistics_file.features_file_mismatch(provenance, expected) == []
+  rows = np.random.default_rng(0).choice(images.shape[0], 6, replace=False)
+  feats, _, _ = metrics.image_statistics(images[rows], loaded, e.resize_rule, 6, progress=False)
+  np.testing.assert_allclose(features[rows], feats["pool"], rtol=1e-4, atol=1e-5)
