@@ -65,6 +65,7 @@ def image_statistics(
   )
   record = pipeline_provenance(weights, resize_rule)
   record["count"] = int(images.shape[0])
+  record["image_shape"] = [int(n) for n in images.shape[1:]]
   pool = fid.compute_statistics(feats["pool"], batch_size=4096, provenance=record)
   spatial = fid.compute_statistics(feats["spatial"], batch_size=4096, provenance=record)
   return feats, pool, spatial
@@ -116,6 +117,11 @@ def load_reference(
 _PIPELINE_KEYS = ("weights_sha256", "resize_rule")
 
 
+def _shape_words(shape: Any) -> str:
+  """(16, 16, 1) → "16×16×1"."""
+  return "×".join(str(int(n)) for n in shape)
+
+
 def evaluate(
     samples: Any,
     reference: Reference | str,
@@ -160,6 +166,14 @@ def evaluate(
           f"the reference statistics were computed with {key} = {theirs!r} but "
           f"this pipeline uses {mine[key]!r}; recompute them from images."
       )
+  samples = validate_images(samples, min_count=2)
+  theirs = reference.provenance.get("image_shape")
+  if theirs is not None and list(theirs) != list(samples.shape[1:]):
+    raise EvaluationError(
+        f"the samples are {_shape_words(samples.shape[1:])} images but the reference statistics "
+        f"were computed from {_shape_words(theirs)} images; score samples of the reference's "
+        "size, or recompute the reference from images of the samples' size."
+    )
   if inception_score and not weights.has_logits:
     raise EvaluationError(features_lib.logits_missing_message(weights.path))
   want_is = weights.has_logits if inception_score is None else inception_score

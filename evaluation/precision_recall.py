@@ -58,7 +58,8 @@ class ManifoldEstimator:
     if x.shape[0] <= self.k:
       raise EvaluationError(
           f"precision/recall with k={self.k} needs more than {self.k} images "
-          f"per set, got {x.shape[0]}."
+          f"per set, got {x.shape[0]}; score more samples or turn precision/recall off "
+          "(config.evaluation.precision_recall = False)."
       )
     radii = []
     for r in range(0, x.shape[0], self.row_batch_size):

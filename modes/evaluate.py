@@ -59,6 +59,7 @@ def run_fid_stats(config: ml_collections.ConfigDict, workdir: str) -> str:
       metrics.pipeline_provenance(weights, e.resize_rule),
       **described,
       images_sha256=images_sha,
+      image_shape=[int(n) for n in images.shape[1:]],
       data_dir=d.data_dir or "TFDS default",
   )
   shipped = _shipped_features(config, record)

@@ -214,3 +214,19 @@ def test_shipped_digits_reference_features_are_what_inception_gives(weights):
   rows = np.random.default_rng(0).choice(images.shape[0], 6, replace=False)
   feats, _, _ = metrics.image_statistics(images[rows], loaded, e.resize_rule, 6, progress=False)
   np.testing.assert_allclose(features[rows], feats["pool"], rtol=1e-4, atol=1e-5)
+
+
+def test_samples_of_another_size_or_too_few_for_precision_recall_are_one_sentence(weights):
+  loaded = inception.load_inception_weights(weights)
+  images = data_lib.load_dataset("digits").images
+  feats, pool, spatial = metrics.image_statistics(images[:6], loaded, batch_size=6, progress=False)
+  assert pool.provenance["image_shape"] == [16, 16, 1]
+  reference = metrics.Reference(pool, spatial, feats["pool"], dict(pool.provenance))
+  rgb32 = np.repeat(np.pad(images[6:10], ((0, 0), (8, 8), (8, 8), (0, 0))), 3, axis=-1)
+  with pytest.raises(EvaluationError, match="are 32×32×3 images but .* from 16×16×1 images"):
+    metrics.evaluate(rgb32, reference, loaded, progress=False)
+  with pytest.raises(EvaluationError, match="needs more than 3 images per set, got 3; score more"):
+    metrics.evaluate(images[6:9], reference, loaded, batch_size=6, progress=False)
+  # Fewer samples than reference images, of the reference's size: scored, KID on min(N) subsets.
+  result = metrics.evaluate(images[6:10], reference, loaded, batch_size=6, progress=False)
+  assert np.isfinite(result["fid"]) and result["provenance"]["kid_subset_size"] == 4
