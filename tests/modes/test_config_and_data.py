@@ -1,6 +1,7 @@
 """Config validation, one-sentence CLI errors, and the data pipeline (digits and mocked TFDS)."""
 
 import importlib
+import os
 
 import jax
 import jax.numpy as jnp
@@ -15,23 +16,14 @@ from modes.errors import ConfigError, DatasetNotPreparedError
 from tests import run_utils
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "default",
-        "digits_adm",
-        "cifar10_adm",
-        "imagenet64_adm",
-        "imagenet64_ip",
-        "imagenet64_at",
-        "digits_at",
-        "cifar10_at",
-        "cifar10_ip",
-        "cifar10_cd",
-        "cifar10_cd_at",
-        "digits_cd_at",
-    ],
+SHIPPED_CONFIGS = sorted(
+    name[:-3]
+    for name in os.listdir(os.path.join(run_utils.REPO, "configs"))
+    if name.endswith(".py") and name != "__init__.py"
 )
+
+
+@pytest.mark.parametrize("name", SHIPPED_CONFIGS)
 def test_shipped_configs_are_valid(name):
   validate_config(importlib.import_module(f"configs.{name}").get_config())
 
