@@ -8,8 +8,8 @@ import importlib
 from typing import Callable
 
 # --mode → "module:function"; every function is run(config, workdir) -> path of its main output
-# (or None when a preempted run saved and stopped). Modules are imported on use: the training
-# loop pulls in TensorFlow (clu), the evaluation modes the Inception network.
+# (or None when a preempted run saved and stopped). Modules are imported on use: the evaluation
+# modes pull in the Inception network.
 MODES = {
     "train": "modes.train:run",
     "story": "modes.story:run",

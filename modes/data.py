@@ -8,6 +8,9 @@ of processes. Each process materialises only its own rows of the global batch.
 
 import dataclasses
 import functools
+import gzip
+import importlib.util
+import os
 from typing import Iterator, NamedTuple
 
 import numpy as np
@@ -43,20 +46,35 @@ class InMemoryDataset:
       raise ValueError("images and labels differ in length")
 
 
+def _digits_table() -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's digits as (images (N, 8, 8) float64, labels (N,)): its own CSV read as its
+  `load_digits` reads it, without importing scikit-learn (and SciPy) when the file is found."""
+  spec = importlib.util.find_spec("sklearn")  # locates the package; runs none of it
+  roots = spec.submodule_search_locations if spec else None
+  path = os.path.join(roots[0], "datasets", "data", "digits.csv.gz") if roots else ""
+  if not os.path.isfile(path):
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    bunch = sk_load_digits()
+    return bunch.images, bunch.target
+  with gzip.open(path, mode="rt", encoding="utf-8") as f:
+    data = np.loadtxt(f, delimiter=",")
+  return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
 def load_digits() -> InMemoryDataset:
   """scikit-learn's digits as uint8 16×16×1 (grey levels 0..16 scaled to 0..255, bilinear ×2)."""
   from PIL import Image
-  from sklearn.datasets import load_digits as sk_load_digits
 
-  bunch = sk_load_digits()
-  small = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8)
+  images, labels = _digits_table()
+  small = np.round(images * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8)
   big = np.stack(
       [
           np.asarray(Image.fromarray(img).resize((16, 16), Image.Resampling.BILINEAR))
           for img in small
       ]
   )
-  return InMemoryDataset(big[..., None], bunch.target.astype(np.int32))
+  return InMemoryDataset(big[..., None], labels.astype(np.int32))
 
 
 def load_tfds(name: str, split: str, data_dir: str) -> InMemoryDataset:

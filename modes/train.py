@@ -39,6 +39,7 @@ from modes.factories import (
     learning_rate_schedule,
     step_settings,
 )
+from modes.metric_writer import MetricWriter, ProgressReport
 from modes.preemption import PreemptionWatcher
 from modes.workdir import check_free_space, check_workdir_writable
 
@@ -292,12 +293,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   skips = nonfinite.SkipCounter(seen=int(state.skipped_updates))
   check = functools.partial(nonfinite.check_finite, config=config, counter=skips)
 
-  # clu's writers import TensorFlow (~3 s): only the train loop pays for it, not the modes
-  # (sample, eval, table, import) that import this module for its state and params helpers.
-  from clu import metric_writers, periodic_actions
-
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-  report = periodic_actions.ReportProgress(num_train_steps=t.num_steps, writer=writer)
+  writer = MetricWriter(workdir if is_main else None)
+  report = ProgressReport(t.num_steps, writer)
   step_fn = compile_train_step(model, diffusion, tx, config, mesh, state)
   grid_sampler = make_grid_sampler(model, config, mesh) if t.sample_every else None
   batches = data_lib.batch_iterator(
@@ -360,7 +357,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   finally:
     preemption.close()
     checkpointer.close()
-    writer.flush()
+    writer.close()
   return state
 
 

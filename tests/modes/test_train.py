@@ -59,18 +59,33 @@ def test_loss_falls_on_digits(tmp_path):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
 
 
-def test_one_and_eight_devices_give_the_same_parameters(tmp_path):
-  # The paper's learning rate. Adam divides each gradient by its own running scale, so it
-  # amplifies the float32 reduction-order noise of the 8-way gradient all-reduce in
-  # proportion to the learning rate: at 1e-3 the parameters differ by ~4e-5, at 1e-4 by ~4e-6.
-  common = (
-      "--config.train.num_steps=3",
-      "--config.train.async_checkpointing=False",
-      "--config.optim.learning_rate=1e-4",
-  )
-  run_utils.run_main(str(tmp_path / "one"), *common, num_devices=1)
-  run_utils.run_main(str(tmp_path / "eight"), *common, num_devices=8)
-  one = run_utils.read_checkpoint(str(tmp_path / "one"))
+# The paper's learning rate. Adam divides each gradient by its own running scale, so it
+# amplifies the float32 reduction-order noise of the 8-way gradient all-reduce in proportion to
+# the learning rate: at 1e-3 the parameters differ by ~4e-5, at 1e-4 by ~4e-6.
+PLAIN = ("--config.train.async_checkpointing=False", "--config.optim.learning_rate=1e-4")
+# 12 steps with every checkpoint (3, 6, 9, 12) kept; the schedule is constant, so its
+# checkpoint 3 is the state of a 3-step run.
+TWELVE_STEPS = (
+    *PLAIN,
+    "--config.train.num_steps=12",
+    "--config.train.checkpoint_every=3",
+    "--config.train.keep_checkpoints=4",
+    "--config.train.log_every=3",
+)
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory) -> str:
+  """Workdir of `TWELVE_STEPS` on one device: the reference of the eight-device run (at step 3)
+  and of the run killed and resumed (at step 12). Read it only."""
+  workdir = str(tmp_path_factory.mktemp("one_device") / "run")
+  run_utils.run_main(workdir, *TWELVE_STEPS)
+  return workdir
+
+
+def test_one_and_eight_devices_give_the_same_parameters(tmp_path, one_device_run):
+  run_utils.run_main(str(tmp_path / "eight"), *PLAIN, "--config.train.num_steps=3", num_devices=8)
+  one = run_utils.read_checkpoint(one_device_run, 3)
   eight = run_utils.read_checkpoint(str(tmp_path / "eight"))
   assert int(one["train"]["step"]) == int(eight["train"]["step"]) == 3
   assert run_utils.max_abs_diff(one["model"], eight["model"]) <= 1e-5
@@ -82,24 +97,16 @@ def test_one_and_eight_devices_give_the_same_parameters(tmp_path):
   assert init_moved > 1e-4
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
-  overrides = (
-      "--config.train.num_steps=30",
-      "--config.train.checkpoint_every=5",
-      "--config.train.log_every=5",
-  )
-  reference = tmp_path / "reference"
-  run_utils.run_main(str(reference), *overrides)
-
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, one_device_run):
   killed = tmp_path / "killed"
   proc = subprocess.Popen(
-      run_utils.main_command(str(killed), *overrides),
+      run_utils.main_command(str(killed), *TWELVE_STEPS),
       cwd=run_utils.REPO,
       env=run_utils.subprocess_env(),
       stdout=subprocess.DEVNULL,
       stderr=subprocess.DEVNULL,
   )
-  marker = killed / "checkpoints" / "10"
+  marker = killed / "checkpoints" / "6"
   deadline = time.time() + 600
   while not marker.exists() and proc.poll() is None and time.time() < deadline:
     time.sleep(0.01)
@@ -108,11 +115,11 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
   assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
   assert not (killed / "train_done.json").exists()
   interrupted_at = max(int(d) for d in os.listdir(killed / "checkpoints") if d.isdigit())
-  assert 10 <= interrupted_at < 30
+  assert 6 <= interrupted_at < 12
 
-  run_utils.run_main(str(killed), *overrides)  # resumes from the last finished checkpoint
-  ref = run_utils.read_checkpoint(str(reference), 30)
-  res = run_utils.read_checkpoint(str(killed), 30)
+  run_utils.run_main(str(killed), *TWELVE_STEPS)  # resumes from the last finished checkpoint
+  ref = run_utils.read_checkpoint(one_device_run, 12)
+  res = run_utils.read_checkpoint(str(killed), 12)
   assert run_utils.max_abs_diff(ref["model"], res["model"]) == 0.0
   assert run_utils.max_abs_diff(ref["train"], res["train"]) == 0.0
 
