@@ -3,7 +3,8 @@ written as a TensorBoard event file (scalars and image grids), without importing
 
 clu's writers and progress report import TensorFlow to write the same events, which costs every
 training process seconds of start-up; the event file format itself is small (TFRecord framing
-of `Event` protos, as tensorboard's own `EventFileWriter` writes them).
+of `Event` protos, as tensorboard's own `EventFileWriter` writes them; that class goes through
+tensorboard's TensorFlow shim, which imports TensorFlow whenever it is installed).
 """
 
 import io

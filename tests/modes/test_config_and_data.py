@@ -161,6 +161,13 @@ def test_digits_dataset():
   assert dataset.images.shape == (1797, 16, 16, 1) and dataset.images.dtype == np.uint8
   assert dataset.images.min() == 0 and dataset.images.max() == 255
   assert sorted(set(dataset.labels.tolist())) == list(range(10))
+  # The CSV read (no scikit-learn import) is scikit-learn's own load_digits, value for value.
+  from sklearn.datasets import load_digits
+
+  bunch = load_digits()
+  images, labels = data_lib._digits_table()
+  np.testing.assert_array_equal(images, bunch.images)
+  np.testing.assert_array_equal(labels, bunch.target)
 
 
 def test_batch_stream_visits_every_example_once_per_epoch_and_resumes():
