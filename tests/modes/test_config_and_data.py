@@ -15,7 +15,6 @@ from modes.config_validation import validate_config
 from modes.errors import ConfigError, DatasetNotPreparedError
 from tests import run_utils
 
-
 SHIPPED_CONFIGS = sorted(
     name[:-3]
     for name in os.listdir(os.path.join(run_utils.REPO, "configs"))
