@@ -117,12 +117,31 @@ def _published_lines() -> list[str]:
   return lines
 
 
+def closing(rows: list[dict]) -> str:
+  """The closing sentence: the over-seeds verdicts, or each cell's own with a single seed."""
+  if rows and all(r["verdict"] == "one seed" for r in rows):
+    worse = sum(r["worse_seeds"] for r in rows)
+    better = sum(r["better_seeds"] for r in rows)
+    return (
+        f"One seed so far: by its own paired 95 % intervals AT beats the equal-budget clean "
+        f"control in {better} of {len(rows)} cells, loses in {worse}, and is within noise in "
+        f"{len(rows) - better - worse}; a verdict over training seeds needs at least two."
+    )
+  counts = {v: sum(r["verdict"] == v for r in rows) for v in ("better", "worse")}
+  noise = len(rows) - counts["better"] - counts["worse"]
+  return (
+      f"Verdict over {len(rows)} cell(s), each at 95 % over seeds: AT beats the equal-budget "
+      f"clean control in {counts['better']}, loses in {counts['worse']}, and is within noise "
+      f"in {noise}."
+  )
+
+
 def markdown(rows: list[dict], seeds: list[int], samples: int) -> str:
   """study.md: the per-seed and across-seed table, the paper's numbers and the verdict."""
   s = KID_SCALE
   head = " | ".join(f"seed {seed}" for seed in seeds)
   lines = [
-      f"# AT − control over {len(seeds)} seeds ({samples} paired samples per cell)",
+      f"# AT − control over {len(seeds)} seed(s) ({samples} paired samples per cell)",
       "",
       "KID×10³ difference AT − control per seed (± paired jackknife s.e.; * = its own 95 % "
       "interval excludes 0), and the mean over seeds with a Student-t 95 % interval "
@@ -140,13 +159,12 @@ def markdown(rows: list[dict], seeds: list[int], samples: int) -> str:
           f"{c['difference'] * s:+.2f} ± {c['standard_error'] * s:.2f}{star}" if c else "—"
       )
     low, high = r["interval_95"]
+    interval = "" if math.isnan(low) else f" ({low * s:+.2f} … {high * s:+.2f})"
     lines.append(
         f"| {r['method']} NFE {r['nfe']} | {' | '.join(cells)} | "
-        f"{r['difference_mean'] * s:+.2f} ({low * s:+.2f} … {high * s:+.2f}) | {r['verdict']} | "
+        f"{r['difference_mean'] * s:+.2f}{interval} | {r['verdict']} | "
         f"{r['fid_at_mean']:.2f} / {r['fid_control_mean']:.2f} |"
     )
-  counts = {v: sum(r["verdict"] == v for r in rows) for v in ("better", "worse")}
-  noise = len(rows) - counts["better"] - counts["worse"]
   lines += [
       "",
       "The paper (CIFAR-10, 50K samples per FID, one training run each, no interval):",
@@ -155,9 +173,7 @@ def markdown(rows: list[dict], seeds: list[int], samples: int) -> str:
       "| --- | --- | --- | --- |",
       *_published_lines(),
       "",
-      f"Verdict over {len(rows)} cell(s), each at 95 % over seeds: AT beats the equal-budget "
-      f"clean control in {counts['better']}, loses in {counts['worse']}, and is within noise "
-      f"in {noise}.",
+      closing(rows),
   ]
   return "\n".join(lines) + "\n"
 
@@ -181,14 +197,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str | None:
       results, reference = robustness.tabulate(rcfg, seed_dir)
       robustness.write_outputs(results, os.path.join(seed_dir, "robustness"))
       per_seed[seed] += robustness_comparisons(results, reference)
+    path = write_study(per_seed, seeds, config.story.num_samples, workdir)
+  with open(path) as f:
+    print(f.read())
+  return path
+
+
+def write_study(
+    per_seed: dict[int, list[dict]], seeds: list[int], samples: int, workdir: str
+) -> str:
+  """study.json and study.md over the seeds done so far (rewritten after every seed, so a long
+  study shows its results as they come); returns the markdown path."""
   rows = aggregate(per_seed)
   out_dir = os.path.join(workdir, "study")
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "study.json"), "w") as f:
     json.dump(rows, f, indent=2, default=float)
-  text = markdown(rows, seeds, config.story.num_samples)
+  text = markdown(rows, list(per_seed), samples)
+  if len(per_seed) < len(seeds):
+    text = f"(Seeds done: {len(per_seed)} of {len(seeds)}; the study is still running.)\n\n" + text
   path = os.path.join(out_dir, "study.md")
   with open(path, "w") as f:
     f.write(text)
-  print(text)
   return path

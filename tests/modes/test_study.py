@@ -92,3 +92,23 @@ def test_study_runs_the_story_per_seed_and_compares_attacked_cells(tmp_path):
   with open(os.path.join(workdir, "study", "study.md")) as f:
     text = f.read()
   assert "seed 3 | seed 5" in text and "22.62" in text and "Verdict over 2 cell(s)" in text
+
+
+def test_a_single_seed_reports_its_own_intervals_and_no_verdict_over_seeds():
+  cell = dict(
+      method="ddim",
+      nfe=5,
+      difference=2e-3,
+      standard_error=5e-4,
+      verdict="worse",
+      fid_at=2.0,
+      fid_control=1.0,
+  )
+  (row,) = study.aggregate({0: [cell]})
+  assert row["verdict"] == "one seed" and row["worse_seeds"] == 1
+  text = study.markdown([row], [0], 500)
+  assert "loses in 1" in text and "needs at least two" in text and "nan" not in text
+  (row,) = study.aggregate({0: [cell], 1: [dict(cell, difference=2.2e-3)]})
+  assert row["verdict"] == "worse" and "loses in 1, and is within noise in 0" in study.closing(
+      [row]
+  )
