@@ -31,6 +31,9 @@ def test_story_runs_every_stage_with_equal_updates_and_resumes(tmp_path):
       "--config.evaluation.batch_size=8",
       "--config.evaluation.fid_method=eigh",
       "--config.evaluation.precision_recall=False",
+      # The start-up cost estimate is tested in test_paper_story.py; off here, it keeps this
+      # test's runtime as it was (a 900 s subprocess limit on a loaded 2-core machine).
+      "--config.story.estimate=False",
   )
   first = run_utils.run_main(workdir, *args)
 
