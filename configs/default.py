@@ -78,6 +78,9 @@ def get_config() -> ml_collections.ConfigDict:
   table.nfes = (5, 8, 10, 20, 50)  # NFE columns of diffusion runs
   table.cm_nfes = (1, 2)  # NFE columns of consistency-model runs (method "consistency")
   table.num_samples = 50000  # samples per cell (the paper: 50K)
+  # "LABEL=PAPER_LABEL,...": show the paper's PAPER_LABEL numbers beside run LABEL (the story's
+  # "ADM (clean control)" beside the paper's "ADM"); table.md says so under the table.
+  table.published_labels = ""
 
   # ---- the whole story in one command (adv_diffusion/story.py; configs/digits_at.py) -------
   config.story = story = ml_collections.ConfigDict()
@@ -91,6 +94,17 @@ def get_config() -> ml_collections.ConfigDict:
   story.methods = ("ddim", "dpm_solver++")  # samplers of the final table
   story.nfes = (5, 10)  # NFE columns of the final table
   story.num_samples = 150  # samples per table cell (Inception: ~0.2 s per image on 2 CPU cores)
+  # Extra fine-tunes from the same clean start, tabulated beside AT and the control: () or
+  # ("ip",) = ADM-IP (PAPER.md §5), adversarial training off, input perturbation story.ip_gamma,
+  # as many optimizer updates as AT.
+  story.baselines = ()
+  story.ip_gamma = 0.1  # ADM-IP γ of the "ip" baseline (PAPER.md §5: 0.15 CIFAR-10, 0.1 elsewhere)
+  # At start-up, time each remaining training stage's step and one sampling network call and
+  # Inception batch on the devices (on separate states: the run is unchanged) and print the
+  # expected accelerator-hours (the paper_* configs turn it on; it compiles each stage's program
+  # and times Inception batches, a minute or more on CPU).
+  story.estimate = False
+  story.estimate_steps = 3  # timed steps per training program (after one compiling step)
 
   # ---- the story over seeds, with robustness (--mode=study; configs/digits_study.py) ------
   config.study = study = ml_collections.ConfigDict()

@@ -10,6 +10,7 @@ from modes.config_checks import check_float as _check_float
 from modes.config_checks import check_int as _check_int
 from modes.config_checks import fail as _fail
 from modes.errors import ConfigError
+from modes.story_checks import validate_story
 
 # The config sections each mode reads (and so validates).
 TRAINING = ("data", "model", "diffusion", "optim", "train", "adversarial", "consistency")
@@ -284,23 +285,6 @@ def _validate_table(config) -> None:
   _check_int(config, "table.num_samples", 1)
 
 
-def _validate_story(config) -> None:
-  from sampling.registry import METHODS
-
-  st = config.story
-  _check_int(config, "story.clean_steps", 1)
-  _check_int(config, "story.clean_warmup_steps", 0)
-  _check_int(config, "story.clean_batch_size", 0)
-  _check_int(config, "story.num_samples", 3)  # the paired comparison needs 3 pairs
-  if st.clean_weights and not st.clean_weights.endswith(".npz"):
-    _fail("story.clean_weights", st.clean_weights, "name a weights .npz or use '' (train it)")
-  _check_float(config, "story.clean_learning_rate", 0.0, float("inf"), low_open=True)
-  if not st.methods or any(m not in METHODS or m == "consistency" for m in st.methods):
-    _fail("story.methods", st.methods, f"use a non-empty tuple of {list(METHODS[:-1])}")
-  if not st.nfes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in st.nfes):
-    _fail("story.nfes", st.nfes, "use a non-empty tuple of positive integers")
-
-
 def _validate_robustness(config) -> None:
   from sampling.perturbations import KINDS
 
@@ -392,7 +376,7 @@ _VALIDATORS = {
     "consistency": _validate_consistency,
     "table": _validate_table,
     "robustness": _validate_robustness,
-    "story": _validate_story,
+    "story": validate_story,
     "study": _validate_study,
     "sampling": _validate_sampling,
     "evaluation": _validate_evaluation,

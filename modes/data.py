@@ -23,14 +23,15 @@ class DatasetSpec(NamedTuple):
   channels: int
   num_classes: int
   tfds_name: str  # "" for datasets embedded in a package
+  train_examples: int  # images in the "train" split (the story's cost estimate reads it)
 
 
 DATASETS = {
     # scikit-learn's 1,797 handwritten digits (8×8, 17 grey levels), upsampled to 16×16 so a
     # three-level UNet has room; one channel. Ships with scikit-learn: no download.
-    "digits": DatasetSpec(16, 1, 10, ""),
-    "cifar10": DatasetSpec(32, 3, 10, "cifar10"),
-    "imagenet64": DatasetSpec(64, 3, 1000, "imagenet_resized/64x64"),
+    "digits": DatasetSpec(16, 1, 10, "", 1797),
+    "cifar10": DatasetSpec(32, 3, 10, "cifar10", 50_000),
+    "imagenet64": DatasetSpec(64, 3, 1000, "imagenet_resized/64x64", 1_281_167),
 }
 
 

@@ -7,14 +7,18 @@ Stages, each a resumable run in its own sub-directory of the workdir:
   3. `control/` the equal-budget clean continuation from the same checkpoint: the same
                 optimizer, schedule and EMA, adversarial training off, and as many optimizer
                 updates as AT makes (K per minibatch for "fast" AT, 1 for "pgd");
-  4. `table/`   samples of the AT and control runs for `story.methods` × `story.nfes`, FID
-                and KID against the reference statistics, markdown + CSV + FID-vs-NFE plot,
-                through `--mode=table` (resumable cell by cell);
+  +  `ip/`      with story.baselines = ("ip",): ADM-IP (PAPER.md §5) from the same checkpoint,
+                the control with input perturbation γ = story.ip_gamma, as many updates;
+  4. `table/`   samples of the AT, control (and baseline) runs for `story.methods` ×
+                `story.nfes`, FID and KID against the reference statistics (the paper's
+                published FIDs beside them, its ADM's beside the control), markdown + CSV +
+                FID-vs-NFE plot, through `--mode=table` (resumable cell by cell);
   5. `story/`   the verdict (`story_report`): AT − control KID per cell with its paired
                 standard error, side-by-side sample grids from the same noise, one sentence.
 With `story.clean_weights` (a weights .npz, e.g. the one configs/digits_at.py ships) stage 1
 is skipped and AT and control start from those weights. A killed story resumes at the stage
-(and step, or cell) where it stopped.
+(and step, or cell) where it stopped. At start-up the story prints the accelerator-hours the
+remaining stages and cells are expected to take (`story_estimate`, story.estimate).
 """
 
 from __future__ import annotations
@@ -25,12 +29,26 @@ import os
 import ml_collections
 from absl import logging
 
-from modes import story_report, table as tables, train
+from modes import story_estimate, story_report, table as tables, train
 from modes.config_validation import validate_config
 from evaluation import inception
 
 STAGES = ("clean", "at", "control")
 TABULATED = {"at": "ADM-AT", "control": "ADM (clean control)"}  # stage → table label
+BASELINE_LABELS = {"ip": "ADM-IP"}  # story.baselines stage → table label
+# The paper's clean baseline is "ADM": its published numbers stand beside the control, and the
+# table says so (table.published_labels).
+PUBLISHED_LABELS = "ADM (clean control)=ADM"
+
+
+def stages(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The training stages of this story, in order: STAGES, then story.baselines."""
+  return STAGES + tuple(config.story.baselines)
+
+
+def tabulated(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """Stage → table label of every tabulated stage, in table order."""
+  return {**TABULATED, **{name: BASELINE_LABELS[name] for name in config.story.baselines}}
 
 
 def updates_per_step(config: ml_collections.ConfigDict) -> int:
@@ -78,7 +96,11 @@ def stage_configs(
   control.train.checkpoint_every = at.train.checkpoint_every * k
   control.train.sample_every = control.train.num_steps if config.train.sample_every else 0
   control.train.log_every = at.train.log_every * k
-  return {"clean": clean, "at": at, "control": control}
+  configs = {"clean": clean, "at": at, "control": control}
+  if "ip" in story.baselines:  # ADM-IP (PAPER.md §5): x_t from ε + γ·ξ, target ε
+    configs["ip"] = ip = _copy(control)
+    ip.diffusion.input_perturbation = story.ip_gamma
+  return configs
 
 
 def _finished(run_dir: str, num_steps: int) -> bool:
@@ -95,7 +117,10 @@ def table_config(
   cfg = _copy(config)
   cfg.evaluation.save_sample_features = True  # the paired comparison reads them
   story = config.story
-  cfg.table.runs = ",".join(f"{label}={run_dirs[name]}" for name, label in TABULATED.items())
+  cfg.table.runs = ",".join(
+      f"{label}={run_dirs[name]}" for name, label in tabulated(config).items()
+  )
+  cfg.table.published_labels = PUBLISHED_LABELS
   cfg.table.methods, cfg.table.nfes = tuple(story.methods), tuple(story.nfes)
   cfg.table.num_samples = story.num_samples
   return cfg
@@ -107,32 +132,50 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str | None:
   # The last stage needs the FID network: say so now, not after the training stages.
   inception.load_inception_weights(config.evaluation.inception_weights or None)
   configs = stage_configs(config, workdir)
-  run_dirs = {name: os.path.join(workdir, name) for name in STAGES}
+  names = stages(config)
+  run_dirs = {name: os.path.join(workdir, name) for name in names}
   if config.story.clean_workdir:
     run_dirs["clean"] = config.story.clean_workdir
-  for number, name in enumerate(STAGES, start=1):
+  todo = {
+      name: (configs[name], run_dirs[name])
+      for name in names
+      if not (name == "clean" and config.story.clean_weights)
+      and not _finished(run_dirs[name], configs[name].train.num_steps)
+  }
+  table_cfg = table_config(config, run_dirs)
+  if config.story.estimate:
+    story_estimate.report(todo, table_cfg, workdir, config.story.estimate_steps)
+  total = len(names) + 2
+  for number, name in enumerate(names, start=1):
     cfg, run_dir = configs[name], run_dirs[name]
     if name == "clean" and config.story.clean_weights:
-      logging.info("Story stage 1/5 (clean): the weights %s.", config.story.clean_weights)
+      logging.info("Story stage 1/%d (clean): the weights %s.", total, config.story.clean_weights)
       continue
-    if _finished(run_dir, cfg.train.num_steps):
-      logging.info("Story stage %d/5 (%s): done before, in %s.", number, name, run_dir)
+    if name not in todo:
+      logging.info("Story stage %d/%d (%s): done before, in %s.", number, total, name, run_dir)
       continue
     logging.info(
-        "Story stage %d/5 (%s): %d steps in %s.", number, name, cfg.train.num_steps, run_dir
+        "Story stage %d/%d (%s): %d steps in %s.",
+        number,
+        total,
+        name,
+        cfg.train.num_steps,
+        run_dir,
     )
     train.train(cfg, run_dir)
     if not _finished(run_dir, cfg.train.num_steps):  # preempted: the stage saved and returned
       return None
   logging.info(
-      "Story stage 4/5: samples, FID and KID (%s × NFE %s, %d samples per cell).",
+      "Story stage %d/%d: samples, FID and KID (%s × NFE %s, %d samples per cell).",
+      total - 1,
+      total,
       "/".join(config.story.methods),
       "/".join(map(str, config.story.nfes)),
       config.story.num_samples,
   )
-  results, reference = tables.tabulate(table_config(config, run_dirs), workdir)
+  results, reference = tables.tabulate(table_cfg, workdir)
   path = os.path.join(workdir, "table", "table.md")
-  logging.info("Story stage 5/5: AT − control, paired, with its uncertainty.")
+  logging.info("Story stage %d/%d: AT − control, paired, with its uncertainty.", total, total)
   verdict = story_report.write_report(
       results, TABULATED["at"], TABULATED["control"], reference, os.path.join(workdir, "story")
   )

@@ -46,6 +46,21 @@ def published_fid(dataset: str, label: str, method: str, nfe: int) -> float | No
   return PUBLISHED.get(dataset, {}).get((label, method, nfe))
 
 
+def parse_published_labels(spec: str) -> dict[str, str]:
+  """ "ADM (clean control)=ADM" → {"ADM (clean control)": "ADM"}: run label → the paper's label
+  whose published numbers stand beside it (`config.table.published_labels`)."""
+  aliases = {}
+  for item in filter(None, (part.strip() for part in spec.split(","))):
+    label, sep, paper = item.partition("=")
+    if not sep or not label.strip() or not paper.strip():
+      raise ConfigError(
+          f"config.table.published_labels = {spec!r} is not allowed: use LABEL=PAPER_LABEL "
+          "pairs separated by commas, e.g. 'ADM (clean control)=ADM'."
+      )
+    aliases[label.strip()] = paper.strip()
+  return aliases
+
+
 def parse_runs(spec: str) -> list[tuple[str, str]]:
   """ "ADM=runs/a,ADM-AT=runs/b" → [("ADM", "runs/a"), ("ADM-AT", "runs/b")]."""
   runs = []
@@ -128,13 +143,22 @@ def score_samples(
   }
 
 
+def cell_name(label: str, method: str, nfe: int) -> str:
+  return f"{label}_{method}_nfe{nfe}"
+
+
+def cell_file(cell_dir: str, name: str) -> str:
+  """Where `fill_cells` stores the finished cell `name`."""
+  return os.path.join(cell_dir, re.sub(r"[^\w.-]+", "-", name.replace("+", "p")) + ".json")
+
+
 def fill_cells(cells: list[tuple[str, str, Callable[[], dict]]], cell_dir: str) -> list[dict]:
   """Results of (name, description, compute) cells in order; each finished cell is stored as
   `cell_dir/<name>.json` and read back instead of recomputed on a rerun."""
   os.makedirs(cell_dir, exist_ok=True)
   results = []
   for i, (name, description, compute) in enumerate(cells, start=1):
-    path = os.path.join(cell_dir, re.sub(r"[^\w.-]+", "-", name.replace("+", "p")) + ".json")
+    path = cell_file(cell_dir, name)
     if os.path.isfile(path):
       logging.info("Cell %d/%d %s: done before.", i, len(cells), description)
       with open(path) as f:
@@ -158,6 +182,7 @@ def tabulate(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[dict
   """`run`'s work; returns the cell results in table order and the reference statistics path."""
   validate_config(config, "table")
   grid = cell_grid(config)
+  aliases = parse_published_labels(config.table.published_labels)
   out_dir = os.path.join(workdir, "table")
   reference = reference_statistics(config, workdir)
 
@@ -166,15 +191,22 @@ def tabulate(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[dict
       cfg = ml_collections.ConfigDict(config.to_dict())
       cfg.sampling.method, cfg.sampling.nfe = method, nfe
       scores = score_samples(cfg, run_dir, reference, config.table.num_samples)
+      paper_label = aliases.get(label, label)
+      published = published_fid(config.data.dataset, paper_label, method, nfe)
+      # A run shown beside another label's published number says whose number it is.
+      alias = (
+          {"published_label": paper_label} if published is not None and paper_label != label else {}
+      )
       return {
           "label": label,
           "method": method,
           "nfe": nfe,
-          "published_fid": published_fid(config.data.dataset, label, method, nfe),
+          "published_fid": published,
+          **alias,
           **scores,
       }
 
-    return f"{label}_{method}_nfe{nfe}", f"{label} {method} NFE {nfe}", compute
+    return cell_name(label, method, nfe), f"{label} {method} NFE {nfe}", compute
 
   results = fill_cells([cell(*c) for c in grid], os.path.join(out_dir, "cells"))
   write_outputs(results, out_dir)
@@ -251,6 +283,9 @@ def write_outputs(results: list[dict], out_dir: str) -> None:
       [f"NFE {n}" for n in nfes],
       {key: [text(row.get(n)) for n in nfes] for key, row in by_row.items()},
   )
+  beside = sorted({(r["label"], r["published_label"]) for r in results if "published_label" in r})
+  for label, paper_label in beside:
+    markdown += f"\nThe published numbers beside {label} are the paper's {paper_label} numbers.\n"
   with open(os.path.join(out_dir, "table.md"), "w") as f:
     f.write(markdown)
   plot_lines(
