@@ -10,7 +10,7 @@ import numpy as np
 from evaluation import fid
 from evaluation.inception import file_sha256
 from evaluation.metrics import Reference
-from modes.errors import UserFacingError
+from modes.errors import UserFacingError, check_shipped_file
 
 
 def save_statistics(
@@ -80,14 +80,7 @@ def load_reference_features(path: str, sha256: str = "") -> tuple[np.ndarray, di
       "restore it (git checkout) or set config.evaluation.reference_features_file='' to compute "
       "the reference from the images"
   )
-  if not os.path.isfile(path):
-    raise UserFacingError(f"the reference features file {path} does not exist; {how}.")
-  actual = file_sha256(path) if sha256 else ""
-  if actual != sha256:
-    raise UserFacingError(
-        f"the reference features file {path} has sha256 {actual[:16]}… where {sha256[:16]}… is "
-        f"expected: it is damaged or another file; {how}."
-    )
+  check_shipped_file(path, sha256, "reference features file", how, how)
   try:
     with np.load(path, allow_pickle=False) as data:
       features = data["pool_features"]

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from evaluation.inception import file_sha256
-from modes.errors import CheckpointError
+from modes.errors import CheckpointError, check_shipped_file
 
 PREFIX = "params/"
 
@@ -52,14 +52,14 @@ def check_file(path: str, sha256: str = "", how: str = "") -> str:
   """Raises one CheckpointError sentence when `path` is missing or its sha256 is not `sha256`
   (when given); returns the advice the errors end with."""
   how = how or "export it again with --mode=export_weights or fix the path"
-  if not os.path.isfile(path):
-    raise CheckpointError(f"the weights file {path} does not exist; {how}.")
-  actual = file_sha256(path) if sha256 else ""
-  if actual != sha256:
-    raise CheckpointError(
-        f"the weights file {path} has sha256 {actual[:16]}… where {sha256[:16]}… is expected: "
-        f"it is damaged or another file; restore it (git checkout {path}) or {how}."
-    )
+  check_shipped_file(
+      path,
+      sha256,
+      "weights file",
+      how,
+      f"restore it (git checkout {path}) or {how}",
+      CheckpointError,
+  )
   return how
 
 
