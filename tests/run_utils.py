@@ -38,16 +38,24 @@ def run_main(
     config: str = TINY_CONFIG,
     check: bool = True,
 ) -> subprocess.CompletedProcess:
+  return run_python(main_command(workdir, *overrides, config=config), num_devices, check)
+
+
+def run_python(
+    command: list[str], num_devices: int = 1, check: bool = True, timeout: int = 900
+) -> subprocess.CompletedProcess:
+  """Runs `command` (a Python command line) from the repository on CPU with `num_devices`
+  devices; with `check`, a non-zero exit fails the test with the end of its stderr."""
   result = subprocess.run(
-      main_command(workdir, *overrides, config=config),
+      command,
       cwd=REPO,
       env=subprocess_env(num_devices),
       capture_output=True,
       text=True,
-      timeout=900,
+      timeout=timeout,
   )
   if check and result.returncode != 0:
-    raise AssertionError(f"main.py failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    raise AssertionError(f"{command[1:3]} failed ({result.returncode}):\n{result.stderr[-4000:]}")
   return result
 
 

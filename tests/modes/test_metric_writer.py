@@ -4,7 +4,6 @@ TensorFlow."""
 
 import io
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -67,13 +66,5 @@ def test_writing_events_imports_no_tensorflow(tmp_path):
       writer.close()
       assert not {{"tensorflow", "clu"}} & set(sys.modules), "tensorflow or clu imported"
   """)
-  result = subprocess.run(
-      [sys.executable, "-c", script],
-      cwd=run_utils.REPO,
-      env=run_utils.subprocess_env(),
-      capture_output=True,
-      text=True,
-      timeout=600,
-  )
-  assert result.returncode == 0, result.stderr[-2000:]
+  run_utils.run_python([sys.executable, "-c", script], timeout=600)
   assert len(os.listdir(tmp_path)) == 1

@@ -72,16 +72,7 @@ def _command(workdir: str, weights: str) -> list[str]:
 
 
 def _run(workdir: str, weights: str) -> subprocess.CompletedProcess:
-  result = subprocess.run(
-      _command(workdir, weights),
-      cwd=run_utils.REPO,
-      env=run_utils.subprocess_env(),
-      capture_output=True,
-      text=True,
-      timeout=900,
-  )
-  assert result.returncode == 0, result.stderr[-4000:]
-  return result
+  return run_utils.run_python(_command(workdir, weights))
 
 
 def _estimate(stdout: str) -> re.Match:
