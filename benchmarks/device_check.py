@@ -42,19 +42,15 @@ except ModuleNotFoundError:  # a GPU image without it: use a carried pure-Python
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import re  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from typing import Callable  # noqa: E402
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 
-from benchmarks import at_cost, fid, sampling, train_step  # noqa: E402
+from benchmarks import at_cost, device_check_report, fid, sampling, train_step  # noqa: E402
 from benchmarks.common import machine_info  # noqa: E402
 from configs import cifar10_adm, cifar10_cd  # noqa: E402
 from evaluation import inception  # noqa: E402
@@ -384,121 +380,6 @@ STAGES = {  # run order
 }
 
 
-# ---------------------------------------------------------------------------------------------
-# Output
-# ---------------------------------------------------------------------------------------------
-
-
-def output_path(out_dir: str, smoke: bool) -> str:
-  """<out_dir>/device_check_<UTC date>_<device kind>[_smoke].json."""
-  date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-  kind = re.sub(r"[^a-z0-9]+", "-", jax.devices()[0].device_kind.lower()).strip("-") or "unknown"
-  return os.path.join(out_dir, f"device_check_{date}_{kind}{'_smoke' if smoke else ''}.json")
-
-
-def _fmt(value: Any, scale: float = 1.0, digits: int = 1) -> str:
-  if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-    return "-"
-  return f"{value * scale:.{digits}f}"
-
-
-def table(stages: dict) -> str:
-  """The compact summary printed last: one row per measured program."""
-  rows = [("stage", "item", "ms", "img/s", "TFLOP/s", "ratio", "note")]
-  for name, stage in stages.items():
-    if stage.get("status") in ("skipped", "error") and name != "fid":
-      rows.append((name, "-", "", "", "", "", _note(stage)))
-      continue
-    if name == "train_step":
-      for dtype in ("float32", "bfloat16"):
-        r = stage.get(dtype, {})
-        rows.append(
-            (
-                name,
-                dtype,
-                _fmt(r.get("ms_per_step")),
-                _fmt(r.get("images_per_sec")),
-                _fmt(r.get("flop_per_s"), 1e-12, 2),
-                "",
-                _note(r),
-            )
-        )
-    elif name == "loss_sanity":
-      note = f"loss f32 {stage['loss_float32']:.5f} bf16 {stage['loss_bfloat16']:.5f}"
-      rows.append((name, "bf16 vs f32", "", "", "", _fmt(stage["relative_difference"], 1, 4), note))
-    elif name == "sampling":
-      for item in ("bare_loop", "ddim", "dpm_solver++"):
-        r = stage.get(item, {})
-        ratio = _fmt(r.get("overhead_vs_bare_loop"), 100, 1)
-        rows.append(
-            (
-                name,
-                item,
-                _fmt(r.get("ms_per_batch")),
-                _fmt(r.get("samples_per_sec")),
-                "",
-                ratio + (" %" if ratio != "-" else ""),
-                f"{_fmt(r.get('ms_per_model_call'), 1, 2)} ms/call",
-            )
-        )
-    elif name == "fid":
-      note = stage.get("torch_reference", "") if stage.get("status") == "ok" else _note(stage)
-      rows.append(
-          (
-              name,
-              "inception",
-              "",
-              _fmt(stage.get("flax_images_per_sec")),
-              "",
-              f"50K: {_fmt(stage.get('seconds_for_50k_at_flax_rate'))} s",
-              note[:60],
-          )
-      )
-    else:
-      base = "none" if name == "at_cost" else "dpm"
-      for item, r in stage.items():
-        if not isinstance(r, dict):
-          continue
-        ratio = _fmt(r.get(f"per_update_vs_{base}"), 1, 2)
-        flops = _fmt(r.get(f"flops_per_update_vs_{base}"), 1, 2)
-        rows.append(
-            (
-                name,
-                item,
-                _fmt(r.get("ms_per_update")),
-                "",
-                "",
-                f"{ratio} (FLOPs {flops})",
-                _note(r) or "ms per update",
-            )
-        )
-  widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-  return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows)
-
-
-def _note(record: dict) -> str:
-  if record.get("status") == "skipped":
-    return f"skipped: {record.get('reason', '')}"[:90]
-  if record.get("status") == "error":
-    return f"error: {record.get('error', '')}"[:90]
-  return ""
-
-
-def _write(path: str, payload: dict) -> None:
-  """Writes `payload` atomically (the JSON stays whole if the run is killed mid-stage)."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(payload, f, indent=2, default=float)
-    f.write("\n")
-  os.replace(path + ".tmp", path)
-
-
-def _has_error(record: Any) -> bool:
-  if not isinstance(record, dict):
-    return False
-  return record.get("status") == "error" or any(_has_error(v) for v in record.values())
-
-
 def main(argv: list[str] | None = None) -> int:
   """Runs the stages, writes the JSON after each, prints the table; 1 if anything errored."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -533,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     print("[device_check] no accelerator: full sizes on CPU take hours; try --smoke", flush=True)
   budget = Budget(args.budget_s or (1200.0 if args.smoke else 450.0))
   out_dir = args.out_dir or (tempfile.gettempdir() if args.smoke else RESULTS_DIR)
-  path = output_path(out_dir, args.smoke)
+  path = device_check_report.output_path(out_dir, args.smoke)
   ctx = {"fid_weights": args.fid_weights}
   stages = {}
   payload = {
@@ -562,10 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     payload["elapsed_s"] = time.perf_counter() - budget.start
     payload["forbidden_modules_imported"] = sorted(m for m in FORBIDDEN if m in sys.modules)
-    _write(path, payload)
+    device_check_report.write(path, payload)
   print(f"[device_check] wrote {path} after {payload.get('elapsed_s', 0):.0f} s")
-  print(table(stages))
-  return 1 if _has_error(stages) else 0
+  print(device_check_report.table(stages))
+  return 1 if device_check_report.has_error(stages) else 0
 
 
 if __name__ == "__main__":
