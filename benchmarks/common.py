@@ -14,14 +14,31 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from modes import xla_cpu_flags
+
+xla_cpu_flags.apply()  # the project's XLA:CPU flags, as main.py runs (before JAX starts)
+
+
+def cpu_model() -> str:
+  """The CPU's model name from /proc/cpuinfo (Linux), else `platform.processor()`."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
 
 def machine_info() -> dict:
-  """Date, platform, Python, CPU count, jax version, backend and device kinds of this run."""
+  """Date, platform, CPU model and count, Python, jax version, backend and device kinds."""
   devices = jax.devices()
   return {
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "platform": platform.platform(),
       "python": platform.python_version(),
+      "cpu_model": cpu_model(),
       "cpu_count": os.cpu_count(),
       "jax": jax.__version__,
       "backend": jax.default_backend(),
@@ -94,15 +111,19 @@ class CompiledStep:
   cost: dict[str, float]  # xla_cost of the compiled step
   compile_seconds: float  # lowering + XLA compilation
   param_checksum: float  # nondegenerate: sum of |θ| at the start (same θ ⇒ same number); else NaN
+  param_count: int  # number of network parameters
 
 
 def compile_cifar10_step(
-    config: ml_collections.ConfigDict, nondegenerate: bool = False
+    config: ml_collections.ConfigDict,
+    nondegenerate: bool = False,
+    compiler_options: dict | None = None,
 ) -> CompiledStep:
   """The train step of `config` compiled ahead of time on a random uint8 batch (seed 0, key 1).
 
   `nondegenerate` fills the zero-initialised kernels (`fill_zero_kernels`, key 2) so that the
-  first step's loss depends on the whole network.
+  first step's loss depends on the whole network. `compiler_options` (XLA DebugOptions fields,
+  e.g. {"xla_cpu_enable_fast_math": True}) apply to this program only, on top of XLA_FLAGS.
   """
   from modes import parallel, train
   from modes.factories import create_unet
@@ -141,15 +162,16 @@ def compile_cifar10_step(
   )
   start = time.perf_counter()
   step_fn = train.compile_train_step(model, diffusion, tx, config, mesh, state)
-  compiled = step_fn.lower(state, batch, key, teacher, None).compile()
+  compiled = step_fn.lower(state, batch, key, teacher, None).compile(compiler_options)
   compile_seconds = time.perf_counter() - start
+  param_count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
   holder = {"state": state}
 
   def one_step() -> dict:
     holder["state"], metrics = compiled(holder["state"], batch, key, teacher, None)
     return jax.block_until_ready(metrics)
 
-  return CompiledStep(one_step, xla_cost(compiled), compile_seconds, checksum)
+  return CompiledStep(one_step, xla_cost(compiled), compile_seconds, checksum, param_count)
 
 
 def compiled_cifar10_step(config: ml_collections.ConfigDict) -> Callable[[], None]:

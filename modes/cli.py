@@ -11,6 +11,10 @@ import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from modes import xla_cpu_flags  # noqa: E402
+
+xla_cpu_flags.apply()  # before JAX starts: XLA reads XLA_FLAGS once
+
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 

@@ -1,4 +1,5 @@
-"""Shared pytest setup: CPU only, and a persistent XLA compilation cache.
+"""Shared pytest setup: CPU only, the XLA:CPU flags of main.py (`modes/xla_cpu_flags.py`), and a
+persistent XLA compilation cache.
 
 The cache lets the many small training runs of the suite (in this process and in the
 `main.py` subprocesses of `tests/run_utils.py`) compile each distinct program once.
@@ -13,6 +14,10 @@ os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "adv_diffusion_test_jax_cache")
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+
+from modes import xla_cpu_flags  # noqa: E402
+
+xla_cpu_flags.apply()  # the XLA:CPU flags main.py runs with, before JAX starts
 
 
 import pytest  # noqa: E402
