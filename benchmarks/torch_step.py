@@ -94,22 +94,23 @@ def create_torch_step(config: ml_collections.ConfigDict, seed: int = 0) -> Torch
   images = torch.from_numpy(rng.integers(0, 256, (batch, channels, size, size), dtype=np.uint8))
 
   def one_step() -> dict:
-    x = images.float() / 127.5 - 1.0
-    flip = torch.rand(batch) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    t, weights = sampler.sample(batch, "cpu")
-    losses = diffusion.training_losses(model, x, t)
-    if isinstance(sampler, LossSecondMomentResampler):  # one process: no all-gather
-      sampler.update_with_all_losses(t.tolist(), losses["loss"].detach().tolist())
-    loss = (losses["loss"] * weights).mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(p.grad) for p in params])
-    )
-    opt.step()
-    update_ema(ema, params, rate=rate)
-    return {"loss": float(loss.detach()), "grad_norm": float(grad_norm)}
+    with torch.enable_grad():  # whatever grad mode the caller left on
+      x = images.float() / 127.5 - 1.0
+      flip = torch.rand(batch) < 0.5
+      x = torch.where(flip[:, None, None, None], x.flip(3), x)
+      t, weights = sampler.sample(batch, "cpu")
+      losses = diffusion.training_losses(model, x, t)
+      if isinstance(sampler, LossSecondMomentResampler):  # one process: no all-gather
+        sampler.update_with_all_losses(t.tolist(), losses["loss"].detach().tolist())
+      loss = (losses["loss"] * weights).mean()
+      opt.zero_grad(set_to_none=True)
+      loss.backward()
+      grad_norm = torch.linalg.vector_norm(
+          torch.stack([torch.linalg.vector_norm(p.grad) for p in params])
+      )
+      opt.step()
+      update_ema(ema, params, rate=rate)
+      return {"loss": float(loss.detach()), "grad_norm": float(grad_norm)}
 
   threads = {"intra_op": torch.get_num_threads(), "inter_op": torch.get_num_interop_threads()}
   return TorchStep(one_step, sum(p.numel() for p in params), threads)

@@ -9,6 +9,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from modes import xla_cpu_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, "tests", "configs", "tiny_digits.py")
 
@@ -24,9 +26,12 @@ def main_command(workdir: str, *overrides: str, config: str = TINY_CONFIG) -> li
 
 
 def subprocess_env(num_devices: int = 1) -> dict[str, str]:
+  """The environment of a CPU subprocess with `num_devices` devices and the project's XLA:CPU
+  flags (a `python -c` script does not pass through modes/cli.py, which applies them)."""
   env = dict(os.environ)
   env["JAX_PLATFORMS"] = "cpu"
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  xla_cpu_flags.apply(env)
   env["PYTHONPATH"] = REPO
   return env
 

@@ -9,7 +9,6 @@ and reused, and only one test runs a full-size sqrtm.
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -25,9 +24,8 @@ from evaluation import convert_inception, features, fid, inception, inception_sc
 from evaluation import preprocess
 from evaluation.errors import EvaluationError
 from modes import statistics_file
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+from tests import run_utils
+from tests.run_utils import REPO
 
 # ---------------------------------------------------------------------------------------------
 # Fixtures: converted weights, the TorchScript reference, images, features computed once.
@@ -57,8 +55,12 @@ def weights(weights_path):
 
 @pytest.fixture(scope="module")
 def torch_net(torchscript_path):
+  """The TorchScript Inception, with torch's grad mode off while this module runs (and restored
+  after it, for the other modules of the same worker)."""
+  grad_was_enabled = torch.is_grad_enabled()
   torch.set_grad_enabled(False)
-  return torch.jit.load(torchscript_path, map_location="cpu").eval()
+  yield torch.jit.load(torchscript_path, map_location="cpu").eval()
+  torch.set_grad_enabled(grad_was_enabled)
 
 
 def _digits(n: int, offset: int = 0) -> np.ndarray:
@@ -483,12 +485,7 @@ def test_features_and_statistics_same_on_1_and_8_devices(weights, weights_path, 
   one = features.extract_features(images, weights, batch_size=8, progress=False)
   assert one["pool"].shape == (10, 2048) and one["spatial"].shape == (10, 2023)
   np.save(tmp_path / "images.npy", images)
-  env = dict(
-      os.environ,
-      JAX_PLATFORMS="cpu",
-      PYTHONPATH=REPO,
-      XLA_FLAGS="--xla_force_host_platform_device_count=8",
-  )
+  env = run_utils.subprocess_env(8)
   result = subprocess.run(
       [
           sys.executable,

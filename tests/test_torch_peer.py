@@ -76,3 +76,15 @@ def test_smoke_has_both_sides_with_finite_positive_timings(smoke):
 def test_smoke_has_the_same_parameter_count_on_both_sides(smoke):
   counts = {s["param_count"] for s in [*smoke["jax_variants"].values(), smoke["torch"]]}
   assert len(counts) == 1 and counts.pop() > 100_000
+
+
+def test_the_torch_step_trains_under_a_callers_no_grad():
+  """The peer step enables grad itself: a caller (or an earlier test in the same worker) that
+  left torch's grad mode off must not turn the benchmarked step into a failing backward."""
+  import torch
+  from benchmarks.torch_step import create_torch_step
+
+  step = create_torch_step(cifar10_config("float32", 2, torch_peer.TINY))
+  with torch.no_grad():
+    out = step.run()
+  assert math.isfinite(out["loss"]) and out["grad_norm"] > 0
