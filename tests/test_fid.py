@@ -56,7 +56,7 @@ def weights(weights_path):
 @pytest.fixture(scope="module")
 def torch_net(torchscript_path):
   """The TorchScript Inception, with torch's grad mode off while this module runs (and restored
-  after it, for the other modules of the same worker)."""
+  after it, for the test modules that run after it in the same process)."""
   grad_was_enabled = torch.is_grad_enabled()
   torch.set_grad_enabled(False)
   yield torch.jit.load(torchscript_path, map_location="cpu").eval()
