@@ -127,6 +127,7 @@ def run(
   calls = {name: step.run for name, step in jax_steps.items()}
   times = interleaved({**calls, "torch": torch_step.run}, steps, max(warmup - 1, 0))
   torch_times = times.pop("torch")
+  main_name = next(iter(variants))
   jax_records = {}
   for name, step in jax_steps.items():
     jax_records[name] = {
@@ -136,10 +137,9 @@ def run(
         "compile_s": step.compile_seconds,
         "first_step_loss": first[name],
         "ratio_vs_torch": _median_ratio(times[name], torch_times),
-        "ratio_vs_first_variant": _median_ratio(times[name], times[next(iter(variants))]),
+        "ratio_vs_first_variant": _median_ratio(times[name], times[main_name]),
         "what": "jit train step: hybrid loss, AdamW, EMA, grad norm, non-finite guard",
     }
-  main_name = next(iter(variants))
   return {
       "benchmark": "torch_peer",
       "model": "cifar10_adm" + (f" with {TINY}" if tiny else " (57.1M params)"),

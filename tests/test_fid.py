@@ -9,7 +9,6 @@ and reused, and only one test runs a full-size sqrtm.
 
 import dataclasses
 import json
-import subprocess
 import sys
 import textwrap
 
@@ -25,7 +24,6 @@ from evaluation import preprocess
 from evaluation.errors import EvaluationError
 from modes import statistics_file
 from tests import run_utils
-from tests.run_utils import REPO
 
 # ---------------------------------------------------------------------------------------------
 # Fixtures: converted weights, the TorchScript reference, images, features computed once.
@@ -485,8 +483,7 @@ def test_features_and_statistics_same_on_1_and_8_devices(weights, weights_path, 
   one = features.extract_features(images, weights, batch_size=8, progress=False)
   assert one["pool"].shape == (10, 2048) and one["spatial"].shape == (10, 2023)
   np.save(tmp_path / "images.npy", images)
-  env = run_utils.subprocess_env(8)
-  result = subprocess.run(
+  result = run_utils.run_python(
       [
           sys.executable,
           "-c",
@@ -495,13 +492,9 @@ def test_features_and_statistics_same_on_1_and_8_devices(weights, weights_path, 
           weights_path,
           str(tmp_path / "eight.npz"),
       ],
-      env=env,
-      cwd=REPO,
-      capture_output=True,
-      text=True,
+      num_devices=8,
       timeout=600,
   )
-  assert result.returncode == 0, result.stderr[-3000:]
   assert json.loads(result.stdout.strip().splitlines()[-1]) == {"devices": 8}
   eight = np.load(tmp_path / "eight.npz")
   # Per-device batches of 1 instead of 8 may pick other conv algorithms: rounding-level changes.

@@ -3,7 +3,6 @@ model on CPU), the same network on both sides, and torch left out of a plain imp
 
 import json
 import math
-import subprocess
 import sys
 
 import jax
@@ -13,16 +12,14 @@ import pytest
 from benchmarks import torch_peer
 from benchmarks.train_step import cifar10_config
 from configs import cifar10_adm
-from tests.run_utils import REPO
+from tests import run_utils
 
 CIFAR10_PARAMS = 57_094_662  # tests/test_unet.py: guided-diffusion's count for this config
 
 
 def test_importing_it_pulls_in_no_torch():
   code = "import sys, benchmarks.torch_peer; print('torch' in sys.modules)"
-  result = subprocess.run(
-      [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
-  )
+  result = run_utils.run_python([sys.executable, "-c", code])
   assert result.stdout.strip().splitlines()[-1] == "False"
 
 
