@@ -19,7 +19,11 @@ def test_apply_appends_the_flags_once_and_keeps_the_users():
   assert flags.split() == ["--xla_force_host_platform_device_count=4", *xla_cpu_flags.FLAGS]
   assert xla_cpu_flags.apply(env) == flags  # idempotent
   own = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{OPTION}=individual_dot"}
-  assert xla_cpu_flags.apply(own) == f"{OPTION}=individual_dot"  # the user's own choice wins
+  # The user's own value of an option wins; the project's other flags are still added.
+  assert xla_cpu_flags.apply(own).split() == [
+      f"{OPTION}=individual_dot",
+      *(flag for flag in xla_cpu_flags.FLAGS if not flag.startswith(OPTION)),
+  ]
 
 
 def test_apply_leaves_other_jaxlib_releases_alone(monkeypatch):

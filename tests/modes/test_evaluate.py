@@ -225,8 +225,14 @@ def test_samples_of_another_size_or_too_few_for_precision_recall_are_one_sentenc
   rgb32 = np.repeat(np.pad(images[6:10], ((0, 0), (8, 8), (8, 8), (0, 0))), 3, axis=-1)
   with pytest.raises(EvaluationError, match="are 32×32×3 images but .* from 16×16×1 images"):
     metrics.evaluate(rgb32, reference, loaded, progress=False)
+  # (fid_method="eigh": the same FID as the default 2048-d sqrtm, which takes 15-30 s a call
+  # and is tested in test_fid.py.)
   with pytest.raises(EvaluationError, match="needs more than 3 images per set, got 3; score more"):
-    metrics.evaluate(images[6:9], reference, loaded, batch_size=6, progress=False)
+    metrics.evaluate(
+        images[6:9], reference, loaded, batch_size=6, progress=False, fid_method="eigh"
+    )
   # Fewer samples than reference images, of the reference's size: scored, KID on min(N) subsets.
-  result = metrics.evaluate(images[6:10], reference, loaded, batch_size=6, progress=False)
+  result = metrics.evaluate(
+      images[6:10], reference, loaded, batch_size=6, progress=False, fid_method="eigh"
+  )
   assert np.isfinite(result["fid"]) and result["provenance"]["kid_subset_size"] == 4
