@@ -25,6 +25,7 @@ to torch-fidelity in test_kid.py) on the directly computed features and the file
 """
 
 import csv
+import glob
 import json
 import os
 
@@ -34,7 +35,7 @@ from jax.sharding import Mesh
 from scipy import linalg
 
 from evaluation import features as features_lib
-from evaluation import inception, kid
+from evaluation import fid, inception, kid
 
 RTOL = 1e-5
 CSV_ROUNDING = 5e-5  # the CSV writes 4 decimals
@@ -135,3 +136,16 @@ def assert_cells_match_direct(
       assert abs(cell[metric] - value) <= RTOL * value, (metric, cell[metric], value)
     matched.append(cell)
   return matched
+
+
+def story_kid_difference(story_dir: str, pool_pattern: str) -> dict:
+  """The paired KID difference (`kid.paired_mmd2_difference`) of a story's AT and control
+  samples, from the pool features each stage saved (`<stage>/eval/<pool_pattern>`) and the pool
+  features of the story's reference statistics (`eval/reference.npz`)."""
+  reference = fid.load_statistics(os.path.join(story_dir, "eval", "reference.npz"))
+  features = []
+  for stage in ("at", "control"):
+    (path,) = glob.glob(os.path.join(story_dir, stage, "eval", pool_pattern))
+    with np.load(path) as data:
+      features.append(data["pool_features"])
+  return kid.paired_mmd2_difference(*features, reference.pool_features)

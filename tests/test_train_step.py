@@ -93,6 +93,11 @@ def _copy(tree):
   return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
+def _float_images(batch: dict) -> dict:
+  """The batch with float32 pixel values (the step preprocesses uint8 and float32 alike)."""
+  return {**batch, "image": jnp.asarray(batch["image"], jnp.float32)}
+
+
 def test_single_replay_is_the_clean_step():
   # Same t, ε, dropout mask and input: the update equals the clean one up to float32 rounding
   # (computing ∂L/∂δ in the same program changes XLA's fusion, ~1 ulp in the loss). Bit
@@ -163,19 +168,22 @@ def test_three_replays_make_three_updates_and_step_size_zero_is_three_clean_upda
     "adv",
     [
         dict(mode="none"),
-        dict(mode="fast", num_replays=3, step_size=0.1, init="carry"),
+        # The settings of test_fast_step_moves_delta_and_reports_its_metrics: one program.
+        dict(mode="fast", num_replays=3, step_size=0.1),
         dict(mode="pgd", pgd_steps=1, step_size=0.1, init="carry"),
     ],
-    ids=["clean", "fast_3_replays_carry", "pgd_carry"],
+    ids=["clean", "fast_3_replays", "pgd_carry"],
 )
 def test_a_nonfinite_minibatch_leaves_the_whole_state_as_it_was(adv):
   # A NaN pixel makes the loss non-finite: θ, the EMAs, AdamW's moments and count, the timestep
-  # history and a carried δ stay bit for bit what they were — for fast AT after all K replays,
-  # whose K − 1 earlier updates are undone too — and only `step` and `skipped_updates` advance.
+  # history and a carried δ (PGD's, init "carry") stay bit for bit what they were — for fast AT
+  # after all K replays, whose K − 1 earlier updates are undone too — and only `step` and
+  # `skipped_updates` advance.
   _, _, _, _, state, batch, step = _step_setup(**adv)
   key = jax.random.key(42)
-  images = jnp.asarray(batch["image"], jnp.float32)  # one program for the good and the bad batch
-  state, _ = step(state, {**batch, "image": images}, key)  # Adam's count, moments and δ non-zero
+  batch = _float_images(batch)  # one program for the good and the bad batch
+  images = batch["image"]
+  state, _ = step(state, batch, key)  # Adam's count, moments and δ non-zero
   assert int(state.skipped_updates) == 0 and int(state.opt_state[0].count) == state.num_updates
   if state.delta is not None:
     assert float(jnp.max(jnp.abs(state.delta))) > 0.0
@@ -195,7 +203,8 @@ def test_a_nonfinite_minibatch_leaves_the_whole_state_as_it_was(adv):
 
 def test_fast_step_moves_delta_and_reports_its_metrics():
   _, _, _, _, state, batch, fast_step = _step_setup(mode="fast", num_replays=3, step_size=0.1)
-  new, m = fast_step(_copy(state), batch, jax.random.key(1))
+  # Float32 pixels: the program of test_a_nonfinite_minibatch_leaves_the_whole_state_as_it_was.
+  new, m = fast_step(_copy(state), _float_images(batch), jax.random.key(1))
   assert int(new.opt_state[0].count) == 3  # AdamW's own update counter: 3 updates
   # δ of the last replay took K − 1 = 2 normalised steps of length 0.1 (ball radius 1.6).
   assert 0.1 < float(m["delta_l2_mean"]) <= 0.2 + 1e-5

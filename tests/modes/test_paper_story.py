@@ -1,5 +1,6 @@
 """The paper in one command (configs/paper_cifar10.py) end to end on 2 CPU cores: preempted in
-the middle of the clean stage, rerun to the end, rerun again to do nothing.
+the middle of the clean stage, rerun to the end, rerun again to do nothing; each cell's FID
+and sFID and the verdict's paired KID difference recomputed directly from the files.
 
 What stays the paper's config: --mode=story with its stages (clean → ADM-AT with fast AT,
 K = 3, η = ρ = 0.1, target ε + sg[δ]/σ_t → the equal-update clean control → ADM-IP with
@@ -22,9 +23,9 @@ import subprocess
 import sys
 import time
 
-from evaluation import convert_inception
+from evaluation import convert_inception, fid
 from modes import checkpoint as ckpt_lib
-from tests import run_utils
+from tests import direct_fid, run_utils
 
 PAPER_CIFAR10 = os.path.join(run_utils.REPO, "configs", "paper_cifar10.py")
 CLEAN_STEPS = 40
@@ -178,6 +179,30 @@ def test_paper_cifar10_story_resumes_after_preemption_and_runs_every_stage(tmp_p
   assert "beside ADM (clean control) are the paper's ADM numbers" in markdown
   assert "| ADM-IP | ddim |" in result.stdout
   assert "Verdict over 1 cell(s)" in result.stdout
+  # Each cell's FID and sFID equal those of its stage's samples computed directly against the
+  # story's reference statistics (tests/direct_fid.py).
+  reference_file = os.path.join(workdir, "eval", "reference.npz")
+  scored = direct_fid.assert_cells_match_direct(
+      os.path.join(workdir, "table", "table.csv"),
+      os.path.join(workdir, "table", "cells"),
+      {"run": "label", "method": "method", "nfe": "nfe"},
+      weights=weights,
+      reference_file=reference_file,
+      batch_size=8,
+  )
+  for cell, stage in zip(scored, ("at", "control", "ip"), strict=True):
+    samples = os.path.join(workdir, stage, "samples")
+    assert os.path.dirname(cell["provenance"]["samples_file"]) == samples
+  # The verdict: the paired KID difference of the AT and control cells' saved features,
+  # recomputed here.
+  with open(os.path.join(workdir, "story", "comparison.json")) as f:
+    (comparison,) = json.load(f)
+  assert fid.load_statistics(reference_file).pool_features.shape == (8, 2048)
+  direct = direct_fid.story_kid_difference(workdir, "ddim*_nfe10_*_pool.npz")
+  assert comparison["difference"] == direct["difference"] != 0
+  assert comparison["standard_error"] == direct["standard_error"] > 0
+  assert comparison["pairs"] == 8 and comparison["reference_rows"] == 8
+  assert os.path.isfile(os.path.join(workdir, "story", "at_vs_control_ddim_nfe10.png"))
 
   # 3. Everything done: the rerun trains, samples and scores nothing.
   again = _run(workdir, weights)

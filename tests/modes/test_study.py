@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from evaluation import convert_inception, fid, kid
+from evaluation import convert_inception
 from modes import study
-from tests import run_utils
+from tests import direct_fid, run_utils
 
 T_975 = {1: 12.706204736174699, 2: 4.302652729749464}  # Student-t quantiles (printed tables)
 
@@ -67,13 +67,7 @@ def test_study_runs_the_story_per_seed_and_compares_attacked_cells(tmp_path):
       (story_cell,) = json.load(f)
     assert rows[("ddim", 2)]["seeds"][str(seed)]["difference"] == story_cell["difference"]
     # The attacked cell: the paired KID difference of the two runs' saved features, recomputed.
-    reference = fid.load_statistics(os.path.join(seed_dir, "eval", "reference.npz"))
-    features = []
-    for stage in ("at", "control"):
-      (path,) = glob.glob(os.path.join(seed_dir, stage, "eval", "*adversarial0.05*_pool.npz"))
-      with np.load(path) as data:
-        features.append(data["pool_features"])
-    expected = kid.paired_mmd2_difference(*features, reference.pool_features)
+    expected = direct_fid.story_kid_difference(seed_dir, "*adversarial0.05*_pool.npz")
     attacked = rows[("ddim+adversarial ρ=0.05", 2)]["seeds"][str(seed)]
     assert attacked["difference"] == pytest.approx(expected["difference"], rel=1e-12)
     assert attacked["standard_error"] == pytest.approx(expected["standard_error"], rel=1e-12)
