@@ -19,7 +19,7 @@ from modes.factories import create_unet
 from tests.configs import tiny_digits
 
 
-def _step_flops(channels: int = 32, **adversarial) -> float:
+def _step_flops(channels: int, **adversarial) -> float:
   """FLOPs of one compiled minibatch step of the tiny digits UNet (batch 8)."""
   config = tiny_digits.get_config()
   config.model.num_channels = channels
