@@ -63,7 +63,7 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 TINY = (
     ("model.num_channels", 32),
     ("model.channel_mult", (1,)),
-    ("model.num_res_blocks", 1),
+    ("model.num_res_blocks", 0),
     ("model.attention_resolutions", ()),
     ("model.dropout", 0.0),
     ("diffusion.timestep_sampler", "uniform"),

@@ -26,7 +26,7 @@ from benchmarks.train_step import cifar10_config
 TINY = {
     "num_channels": 32,
     "channel_mult": (1,),
-    "num_res_blocks": 1,
+    "num_res_blocks": 0,
     "attention_resolutions": (32,),
     "num_head_channels": 32,
 }

@@ -6,7 +6,8 @@ keeps no second copy of the donated state.
 The ⅔ of the PGD bound assumes convolutions dominate, as in the paper's UNet: a conv's input
 backward and its weight backward each cost a forward. Elementwise layers (group norm, SiLU) have
 an input backward but no weight backward, so on a narrow UNet an ascent step costs more than ⅔
-of an update (0.72 at 32 channels, 0.69 at 64, 0.68 at 128): the FLOP tests use 128 channels."""
+of an update (tests/configs/tiny_digits.py's UNet: 0.74 at 32 channels, 0.71 at 64, 0.69 at 128,
+0.67 at 256): the FLOP tests use 256 channels."""
 
 import jax
 import jax.numpy as jnp
@@ -41,11 +42,11 @@ def _step_flops(channels: int, **adversarial) -> float:
 
 @pytest.fixture(scope="module")
 def wide_clean_flops() -> float:
-  return _step_flops(128, mode="none")
+  return _step_flops(256, mode="none")
 
 
 def test_fast_at_costs_a_clean_update_per_update(wide_clean_flops):
-  fast = _step_flops(128, mode="fast", num_replays=3)
+  fast = _step_flops(256, mode="fast", num_replays=3)
   assert fast / 3 <= 1.02 * wide_clean_flops, fast / 3 / wide_clean_flops
 
 
@@ -53,7 +54,7 @@ def test_fast_at_costs_a_clean_update_per_update(wide_clean_flops):
 def test_pgd_ascent_steps_take_no_weight_gradients(wide_clean_flops, k):
   # A clean update is a forward, an input backward and a weight backward (+ AdamW/EMA); an
   # ascent step needs only the first two: ≤ ⅔ of an update each.
-  ratio = _step_flops(128, mode="pgd", pgd_steps=k) / wide_clean_flops
+  ratio = _step_flops(256, mode="pgd", pgd_steps=k) / wide_clean_flops
   assert ratio <= 1 + k * 2 / 3 + 0.05, ratio
   # and every one of the k steps is counted (a rolled loop would be counted once).
   assert ratio >= 1 + k * 0.5, ratio
@@ -98,9 +99,8 @@ def test_nonfinite_guard_keeps_no_second_copy_of_the_state(monkeypatch):
   # The guard holds the gradient until its verdict (all of it: the verdict needs every updated
   # parameter) but keeps nothing else the size of the parameters, least of all a second copy of
   # the state (θ, two EMAs, AdamW's two moments: 5× the parameters). Measured on CPU (jax 0.10.2),
-  # state 57.9 MB, θ 11.6 MB: temporaries of the step 22.6 MB, of the unguarded step 12.2 MB, so
-  # the guard 10.4 MB = 0.90× θ. The previous guard (`jnp.where` over every leaf of the updated
-  # state) measured 35.9 MB, 2.05× θ; the updated state computed outside the `lax.cond` 58.4 MB.
+  # state 37.3 MB, θ 7.4 MB: temporaries of the step 14.6 MB, of the unguarded step 8.0 MB, so
+  # the guard 6.6 MB = 0.88× θ.
   temp, state_bytes, params_bytes = _step_temp_bytes()
   monkeypatch.setattr(step_lib, "_last_update", _unguarded_last_update)
   unguarded, _, _ = _step_temp_bytes()

@@ -23,6 +23,8 @@ from modes.factories import (
 from tests import run_utils
 from tests.configs import tiny_digits
 
+pytestmark = pytest.mark.long  # a long file: scheduled first (tests/conftest.py)
+
 
 def _step_setup(tx=None, consistency: dict | None = None, configure=None, **adv):
   """A tiny UNet, the step's settings, a train state, one batch and the jitted step for the
@@ -60,11 +62,7 @@ def _step_setup(tx=None, consistency: dict | None = None, configure=None, **adv)
   key = jax.random.key(0)
   state = jax.jit(init, out_shardings=train.state_shardings(jax.eval_shape(init, key), mesh))(key)
   # Move the zero-initialised output layers so that δ has a gradient from the first step.
-  state = state.replace(
-      params=jax.tree.map(
-          lambda p: p + 0.02 * jax.random.normal(jax.random.key(3), p.shape), state.params
-      )
-  )
+  state = state.replace(params=_perturbed(state.params))
   state = state.replace(ema_params=tuple(state.params for _ in state.ema_params))
   if state.target_params is not None:
     state = state.replace(target_params=state.params)
@@ -89,8 +87,14 @@ def _step_setup(tx=None, consistency: dict | None = None, configure=None, **adv)
   return settings, model, diffusion, tx, state, batch, step
 
 
-def _copy(tree):
-  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+@jax.jit
+def _perturbed(params):
+  return jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(3), p.shape), params)
+
+
+# A copy of a whole state in one program (op by op, every leaf shape would compile its own; the
+# outputs of a jitted function never alias its non-donated inputs).
+_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
 
 def _float_images(batch: dict) -> dict:
@@ -256,15 +260,16 @@ def test_pgd_with_step_size_zero_is_plain_cd_and_target_follows_the_ema():
   _, _, _, state, teacher, batch, plain = _cd_step_setup(sgd, mode="none")
   _, _, _, _, _, _, at_zero = _cd_step_setup(sgd, mode="pgd", pgd_steps=2, step_size=0.0)
   key = jax.random.key(5)
-  copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)  # noqa: E731
-  a, metrics_a = plain(copy(state), batch, key, teacher)
-  b, metrics_b = at_zero(copy(state), batch, key, teacher)
+  a, metrics_a = plain(_copy(state), batch, key, teacher)
+  b, metrics_b = at_zero(_copy(state), batch, key, teacher)
   moved = run_utils.max_abs_diff(a.params, state.params)
   assert moved > 1e-4
   assert float(metrics_a["loss"]) == float(metrics_b["loss"])
   assert run_utils.max_abs_diff(a.params, b.params) == 0.0
   # θ⁻ ← 0.95·θ⁻ + 0.05·θ after the update (config default μ = 0.95).
-  expected_target = jax.tree.map(lambda t, p: 0.95 * t + 0.05 * p, state.target_params, a.params)
+  expected_target = jax.tree.map(  # in numpy: no XLA program per leaf
+      lambda t, p: 0.95 * t + 0.05 * p, *jax.device_get((state.target_params, a.params))
+  )
   assert run_utils.max_abs_diff(a.target_params, expected_target) <= 1e-6  # 1 ulp at |θ| ~ 1
 
 
@@ -412,6 +417,7 @@ def test_gradient_clipping_is_the_clipped_adamw_update():
   )(state.params)
   assert float(metrics["grad_norm"]) > 1e3 * clip  # the metric is the unclipped norm
 
+  @functools.partial(jax.jit, static_argnums=0)  # one program per optimizer, not per leaf
   def by_hand(tx):
     updates, _ = tx.update(grads, tx.init(state.params), state.params)
     return optax.apply_updates(state.params, updates)

@@ -60,6 +60,18 @@ SMALL_POOL = dict(  # avg-pool / conv-free resampling, attention at full res, ot
     num_heads_upsample=1,
     conv_resample=False,
 )
+NO_RES_BLOCKS = dict(  # no residual block in the levels (tests/configs/tiny_digits.py): the
+    # input blocks are the stem conv and the downsample, each output level one block
+    image_size=16,
+    in_channels=1,
+    model_channels=32,
+    out_channels=2,
+    num_res_blocks=0,
+    attention_resolutions=(2,),
+    dropout=0.1,
+    channel_mult=(1, 2),
+    num_head_channels=32,
+)
 TINY_CLASS = dict(  # one level only: just enough to exercise every kind of layer init
     image_size=8,
     in_channels=3,
@@ -192,7 +204,11 @@ def cifar10() -> Case:
 # ------------------------------------------------------------------------------ (a) parity
 
 
-@pytest.mark.parametrize("cfg", [SMALL_CLASS_LEGACY, SMALL_POOL], ids=["class_legacy", "pool"])
+@pytest.mark.parametrize(
+    "cfg",
+    [SMALL_CLASS_LEGACY, SMALL_POOL, NO_RES_BLOCKS],
+    ids=["class_legacy", "pool", "no_res_blocks"],
+)
 def test_parity_small_variants(cfg: dict[str, Any]) -> None:
   case = Case(cfg)
   out = case.run()

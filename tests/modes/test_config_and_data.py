@@ -53,6 +53,7 @@ def test_cifar10_config_is_the_papers_recipe():
         ("model.attention_resolutions", (5,)),
         ("model.num_head_channels", 24),
         ("model.num_channels", 48),
+        ("model.num_res_blocks", -1),
         ("data.dataset", "mnist"),
         ("data.image_size", 32),
         ("data.num_classes", 7),

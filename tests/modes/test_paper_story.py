@@ -8,7 +8,7 @@ K = 3, η = ρ = 0.1, target ε + sg[δ]/σ_t → the equal-update clean control
 importance-sampled t), the optimizer and EMA rule, the sampling preset, dataset "cifar10"
 (through TFDS, mocked by `tfds.testing.mock_data`: random 32×32×3 images of CIFAR-10's feature
 spec, as CIFAR-10 is not available offline), the published-numbers column and the estimate.
-What is overridden to fit a test: the network (one level of 32 channels, no attention, float32),
+What is overridden to fit a test: the network (one level of 32 channels without residual blocks, no attention, float32),
 the step counts (40 clean steps, 2 AT minibatches), the batch sizes, the grid (DDIM at NFE 10
 only: one cell the paper publishes) and the sample counts (8 samples, 8 reference images).
 """
@@ -23,9 +23,13 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from evaluation import convert_inception, fid
 from modes import checkpoint as ckpt_lib
 from tests import direct_fid, run_utils
+
+pytestmark = pytest.mark.long  # a long file: scheduled first (tests/conftest.py)
 
 PAPER_CIFAR10 = os.path.join(run_utils.REPO, "configs", "paper_cifar10.py")
 CLEAN_STEPS = 40
@@ -38,7 +42,7 @@ def _command(workdir: str, weights: str) -> list[str]:
   overrides = (
       "--config.model.num_channels=32",
       "--config.model.channel_mult=(1,)",
-      "--config.model.num_res_blocks=1",
+      "--config.model.num_res_blocks=0",
       "--config.model.attention_resolutions=()",
       "--config.model.num_head_channels=32",
       "--config.model.compute_dtype=float32",

@@ -12,6 +12,8 @@ from evaluation import convert_inception
 from modes import study
 from tests import direct_fid, run_utils
 
+pytestmark = pytest.mark.long  # a long file: scheduled first (tests/conftest.py)
+
 T_975 = {1: 12.706204736174699, 2: 4.302652729749464}  # Student-t quantiles (printed tables)
 
 
@@ -34,8 +36,14 @@ def test_study_runs_the_story_per_seed_and_compares_attacked_cells(tmp_path):
       workdir,
       "--mode=study",
       "--config.study.seeds=(3,5)",
+      # The stages' step settings are those of other tests' runs, whose compiled programs the
+      # persistent cache can then share: clean = the trained_tiny fixture's, AT =
+      # test_train.AT_OVERRIDES', control = test_train.PLAIN's.
       "--config.adversarial.mode=fast",
       "--config.adversarial.num_replays=2",
+      "--config.adversarial.init=carry",
+      "--config.optim.learning_rate=1e-4",
+      "--config.story.clean_warmup_steps=0",
       "--config.story.clean_steps=1",
       "--config.train.num_steps=1",
       "--config.train.async_checkpointing=False",
