@@ -50,13 +50,6 @@ def trained_tiny(tmp_path_factory) -> str:
   return workdir
 
 
-def pytest_collection_modifyitems(items):
-  """The files marked `long` run first, in collection order, the rest after them: pytest-xdist
-  (`--dist loadfile --no-loadscope-reorder`, pytest.ini) hands files to the workers in this
-  order, so no minutes-long file starts when the other worker is about to run out of work."""
-  items.sort(key=lambda item: item.get_closest_marker("long") is None)  # a stable sort
-
-
 def pytest_sessionfinish(session, exitstatus):
   """Under CI=true a skipped test fails the run: CI installs every dependency, so a skip there
   means a test that did not run (issue 16)."""

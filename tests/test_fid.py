@@ -25,8 +25,6 @@ from evaluation.errors import EvaluationError
 from modes import statistics_file
 from tests import run_utils
 
-pytestmark = pytest.mark.long  # a long file: scheduled first (tests/conftest.py)
-
 # ---------------------------------------------------------------------------------------------
 # Fixtures: converted weights, the TorchScript reference, images, features computed once.
 # ---------------------------------------------------------------------------------------------

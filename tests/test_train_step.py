@@ -23,8 +23,6 @@ from modes.factories import (
 from tests import run_utils
 from tests.configs import tiny_digits
 
-pytestmark = pytest.mark.long  # a long file: scheduled first (tests/conftest.py)
-
 
 def _step_setup(tx=None, consistency: dict | None = None, configure=None, **adv):
   """A tiny UNet, the step's settings, a train state, one batch and the jitted step for the

@@ -8,7 +8,6 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from adv_diffusion.consistency import consistency_function, time_grid
 from adv_diffusion.train_state import preprocess_images
@@ -19,8 +18,6 @@ from modes.config_validation import validate_config
 from modes.factories import create_diffusion, create_optimizer, create_unet
 from tests import run_utils
 from tests.configs import tiny_digits
-
-pytestmark = pytest.mark.long  # a long file: scheduled first (tests/conftest.py)
 
 CD_AT = (
     "--config.consistency.mode=distill",

@@ -12,14 +12,11 @@ from typing import Callable
 
 import jax
 import numpy as np
-import pytest
 from jax.sharding import Mesh
 
 from evaluation import convert_inception, features
 from modes import data as data_lib
 from tests import run_utils
-
-pytestmark = pytest.mark.long  # a long file: scheduled first (tests/conftest.py)
 
 # The paper's learning rate: Adam amplifies all-reduce rounding in proportion to it (see
 # test_train.test_one_and_eight_devices_give_the_same_parameters).

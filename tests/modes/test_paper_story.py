@@ -23,13 +23,9 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from evaluation import convert_inception, fid
 from modes import checkpoint as ckpt_lib
 from tests import direct_fid, run_utils
-
-pytestmark = pytest.mark.long  # a long file: scheduled first (tests/conftest.py)
 
 PAPER_CIFAR10 = os.path.join(run_utils.REPO, "configs", "paper_cifar10.py")
 CLEAN_STEPS = 40

@@ -22,8 +22,6 @@ from modes.workdir import check_free_space
 from tests import run_utils
 from tests.configs import tiny_digits
 
-pytestmark = pytest.mark.long  # a long file: scheduled first (tests/conftest.py)
-
 EVERY_STEP = (
     "--config.train.num_steps=3",
     "--config.train.checkpoint_every=1",

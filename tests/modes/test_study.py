@@ -12,8 +12,6 @@ from evaluation import convert_inception
 from modes import study
 from tests import direct_fid, run_utils
 
-pytestmark = pytest.mark.long  # a long file: scheduled first (tests/conftest.py)
-
 T_975 = {1: 12.706204736174699, 2: 4.302652729749464}  # Student-t quantiles (printed tables)
 
 

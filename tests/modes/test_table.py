@@ -14,8 +14,6 @@ from modes import table as tables
 from evaluation import convert_inception
 from tests import direct_fid, run_utils
 
-pytestmark = pytest.mark.long  # a long file: scheduled first (tests/conftest.py)
-
 
 @pytest.fixture(scope="module")
 def table_args(trained_tiny, tmp_path_factory):

@@ -25,8 +25,6 @@ from adv_diffusion.nets.torch_mapping import flax_to_torch_state_dict  # noqa: E
 from tests import run_utils  # noqa: E402
 from tests.test_unet import flax_args, inputs, rel_err, torch_model  # noqa: E402
 
-pytestmark = pytest.mark.long  # a long file: scheduled first (tests/conftest.py)
-
 TINY_MODULE = "tests.configs.tiny_imagenet64"
 TINY_IMAGENET = os.path.join(run_utils.REPO, "tests", "configs", "tiny_imagenet64.py")
 # Arguments that guided-diffusion's UNetModel shares with our UNet (which takes dtype and remat).

@@ -17,8 +17,6 @@ from modes.factories import create_unet
 from tests import run_utils
 from tests.configs import tiny_digits
 
-pytestmark = pytest.mark.long  # a long file: scheduled first (tests/conftest.py)
-
 
 def _eval_mse(params, config, model, diffusion, images, key) -> float:
   """ε-MSE on a fixed batch, fixed uniform t and fixed noise (the quantity training lowers)."""
