@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = model = ml_collections.ConfigDict()
   model.num_channels = 32  # base channel count (ADM `num_channels`)
   model.channel_mult = (1, 2, 2)  # channel multiplier per resolution level
-  model.num_res_blocks = 1  # residual blocks per level (0: only the resampling blocks)
+  model.num_res_blocks = 1  # residual blocks per level going down (num_res_blocks + 1 going up)
   model.attention_resolutions = (8,)  # feature-map sides (pixels) that get self-attention
   model.num_heads = 1  # attention heads when num_head_channels == -1
   model.num_head_channels = 16  # channels per head; -1 = use num_heads

@@ -93,7 +93,7 @@ def _validate_data(config) -> None:
 def _validate_model(config) -> None:
   m = config.model
   _check_int(config, "model.num_channels", 1)
-  _check_int(config, "model.num_res_blocks", 0)  # 0: the levels hold only resampling
+  _check_int(config, "model.num_res_blocks", 0)  # 0 as guided-diffusion: one block up per level
   if not m.channel_mult or any(not isinstance(c, int) or c < 1 for c in m.channel_mult):
     _fail("model.channel_mult", m.channel_mult, "use a non-empty tuple of positive integers")
   size = config.data.image_size

@@ -8,9 +8,10 @@ K = 3, η = ρ = 0.1, target ε + sg[δ]/σ_t → the equal-update clean control
 importance-sampled t), the optimizer and EMA rule, the sampling preset, dataset "cifar10"
 (through TFDS, mocked by `tfds.testing.mock_data`: random 32×32×3 images of CIFAR-10's feature
 spec, as CIFAR-10 is not available offline), the published-numbers column and the estimate.
-What is overridden to fit a test: the network (one level of 32 channels without residual blocks, no attention, float32),
-the step counts (40 clean steps, 2 AT minibatches), the batch sizes, the grid (DDIM at NFE 10
-only: one cell the paper publishes) and the sample counts (8 samples, 8 reference images).
+What is overridden to fit a test: the network (one level of 32 channels without residual
+blocks, no attention, float32), the step counts (40 clean steps, 2 AT minibatches), the batch
+sizes, the grid (DDIM at NFE 10 only: one cell the paper publishes) and the sample counts (8
+samples, 8 reference images).
 """
 
 import csv
