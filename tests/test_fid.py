@@ -428,6 +428,18 @@ def test_frechet_distance_closed_forms():
     np.testing.assert_allclose(
         fid.frechet_distance(mu1, s1, mu2, s2, method=method), exact, rtol=1e-9
     )
+  # Commuting with a rank-deficient S1 (a few images' covariance): the zero eigenvalues add
+  # nothing to Tr sqrt(S1 S2), whatever S2 holds in those directions.
+  a_low = np.where(np.arange(d) % 4 == 0, a, 0.0)
+  s1_low = (q * a_low) @ q.T
+  exact_low = np.sum((mu1 - mu2) ** 2) + np.sum(a_low + b - 2 * np.sqrt(a_low * b))
+  for method in fid.FRECHET_METHODS:
+    np.testing.assert_allclose(
+        fid.frechet_distance(mu1, s1_low, mu2, s2, method=method), exact_low, rtol=1e-6
+    )
+  np.testing.assert_allclose(
+      fid.frechet_distance(mu1, s1_low, mu2, s2, method="eigh"), exact_low, rtol=1e-12
+  )
   # Scalar case: (m1 - m2)^2 + (s1 - s2)^2 for standard deviations s.
   np.testing.assert_allclose(fid.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]), 4 + 1)
   # General (non-commuting) covariances: both methods agree.
