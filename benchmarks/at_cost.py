@@ -21,6 +21,7 @@ from benchmarks.common import (
     write_json,
 )
 from configs import cifar10_adm
+from modes import huge_pages
 
 VARIANTS = {  # name: (adversarial overrides, optimizer updates per minibatch)
     "none": ({"mode": "none"}, 1),
@@ -108,4 +109,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  huge_pages.ensure()
   main()

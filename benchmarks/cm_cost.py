@@ -11,6 +11,7 @@ import argparse
 from benchmarks.at_cost import add_ratios, measure_variant, variant_config
 from benchmarks.common import machine_info, write_json
 from configs import cifar10_adm, cifar10_cd
+from modes import huge_pages
 
 VARIANTS = {  # name: (config module, adversarial overrides, optimizer updates per minibatch)
     "dpm": (cifar10_adm, {"mode": "none"}, 1),
@@ -49,4 +50,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  huge_pages.ensure()
   main()

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import resource
 import time
 from typing import Any, Callable
 
@@ -32,7 +33,8 @@ def cpu_model() -> str:
 
 
 def machine_info() -> dict:
-  """Date, platform, CPU model and count, Python, jax version, backend and device kinds."""
+  """Date, platform, CPU model and count, Python, jax version, backend, device kinds and the
+  process's glibc tunables."""
   devices = jax.devices()
   return {
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -43,6 +45,7 @@ def machine_info() -> dict:
       "jax": jax.__version__,
       "backend": jax.default_backend(),
       "devices": [d.device_kind for d in devices],
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # modes/huge_pages.py
   }
 
 
@@ -187,8 +190,12 @@ def step_record(
     budget_s: float | None = None,
     batch_size: int | None = None,
 ) -> dict:
-  """Times `step` (median of up to `steps` calls after `warmup`) and adds its XLA costs."""
+  """Times `step` (median of up to `steps` calls after `warmup`) and adds its XLA costs and the
+  process's system CPU time and minor page faults per call (warm-up calls included)."""
+  usage_before = resource.getrusage(resource.RUSAGE_SELF)
   times = time_calls(step.run, steps, warmup, budget_s)
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  calls = warmup + len(times)
   seconds = float(np.median(times))
   flops = step.cost["flops"]
   record = {
@@ -202,6 +209,8 @@ def step_record(
       "flops_per_update": flops / updates,
       "bytes_accessed_per_minibatch": step.cost["bytes_accessed"],
       "flop_per_s": flops / seconds,
+      "system_cpu_s_per_minibatch": (usage.ru_stime - usage_before.ru_stime) / calls,
+      "minor_page_faults_per_minibatch": (usage.ru_minflt - usage_before.ru_minflt) / calls,
   }
   if batch_size:
     record["images_per_sec"] = batch_size / seconds

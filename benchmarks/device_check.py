@@ -55,6 +55,7 @@ from benchmarks.common import machine_info  # noqa: E402
 from configs import cifar10_adm, cifar10_cd  # noqa: E402
 from evaluation import inception  # noqa: E402
 from evaluation.errors import EvaluationError  # noqa: E402
+from modes import huge_pages  # noqa: E402
 
 FORBIDDEN = ("clu", "tensorflow", "tensorflow_datasets")  # absent from the GPU image
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -450,4 +451,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  huge_pages.ensure()
   sys.exit(main())

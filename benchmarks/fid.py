@@ -17,6 +17,7 @@ import numpy as np
 from benchmarks.common import machine_info, write_json
 from evaluation import convert_inception, features, inception, preprocess
 from evaluation.errors import EvaluationError
+from modes import huge_pages
 
 
 def random_inception_weights(seed: int = 0) -> inception.InceptionWeights:
@@ -150,4 +151,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  huge_pages.ensure()
   main()

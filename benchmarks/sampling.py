@@ -19,6 +19,7 @@ from modes.factories import create_unet
 from benchmarks.common import machine_info, time_calls, write_json
 from configs import cifar10_adm
 from sampling.registry import make_sampler
+from modes import huge_pages
 
 METHODS = ("ancestral", "ancestral_es", "ddim", "dpm_solver++")
 
@@ -114,4 +115,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  huge_pages.ensure()
   main()

@@ -21,6 +21,7 @@ import numpy as np
 
 from benchmarks.common import compile_cifar10_step, machine_info, write_json
 from benchmarks.train_step import cifar10_config
+from modes import huge_pages
 
 # A tiny model of the same architecture family, for the CPU smoke test (--tiny).
 TINY = {
@@ -217,4 +218,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+  huge_pages.ensure()
   main()

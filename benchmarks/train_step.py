@@ -13,6 +13,7 @@ import ml_collections
 
 from benchmarks.common import compile_cifar10_step, machine_info, step_record, write_json
 from configs import cifar10_adm
+from modes import huge_pages
 
 
 def cifar10_config(
@@ -52,6 +53,8 @@ def measure(
       "bytes_accessed_per_step": record["bytes_accessed_per_minibatch"],
       "flop_per_s": record["flop_per_s"],
       "compile_s": record["compile_s"],
+      "system_cpu_s_per_step": record["system_cpu_s_per_minibatch"],
+      "minor_page_faults_per_step": record["minor_page_faults_per_minibatch"],
       "first_step_loss": float(first["loss"]),
   }
   if nondegenerate:
@@ -84,4 +87,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  huge_pages.ensure()
   main()

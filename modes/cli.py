@@ -11,7 +11,7 @@ import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from modes import xla_cpu_flags  # noqa: E402
+from modes import huge_pages, xla_cpu_flags  # noqa: E402
 
 xla_cpu_flags.apply()  # before JAX starts: XLA reads XLA_FLAGS once
 
@@ -194,4 +194,5 @@ def main(argv):
 
 def run() -> None:
   """Parses the flags and runs the mode (the console script `adv-diffusion` and main.py)."""
+  huge_pages.ensure()
   app.run(main, flags_parser=parse_flags)

@@ -1,5 +1,5 @@
-"""Shared pytest setup: CPU only, the XLA:CPU flags of main.py (`modes/xla_cpu_flags.py`), and a
-persistent XLA compilation cache.
+"""Shared pytest setup: CPU only, the XLA:CPU flags and glibc tunable of main.py
+(`modes/xla_cpu_flags.py`, `modes/huge_pages.py`), and a persistent XLA compilation cache.
 
 The cache lets the many small training runs of the suite (in this process and in the
 `main.py` subprocesses of `tests/run_utils.py`) compile each distinct program once.
@@ -18,9 +18,12 @@ os.environ.setdefault(
 # compiles a few dozen of them (PRNG seeding, initialisers, small sampler and metric pieces).
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-from modes import xla_cpu_flags  # noqa: E402
+from modes import huge_pages, xla_cpu_flags  # noqa: E402
 
 xla_cpu_flags.apply()  # the XLA:CPU flags main.py runs with, before JAX starts
+# The glibc tunable main.py re-executes itself with, here for the processes pytest starts: the
+# xdist workers (this module is imported first in the controller) and the main.py subprocesses.
+huge_pages.add_tunable(os.environ)
 
 
 import pytest  # noqa: E402
