@@ -12,7 +12,6 @@ import numpy as np
 
 from benchmarks.common import machine_info, time_calls, write_json
 from evaluation import fid
-from modes import huge_pages
 
 
 def gaussian_statistics(rows: int, dim: int, seed: int) -> fid.FIDStatistics:
@@ -63,5 +62,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  huge_pages.ensure()
   main()

@@ -68,8 +68,12 @@ def test_add_tunable_leaves_old_glibc_and_hosts_without_huge_pages_alone(monkeyp
   assert env == {}
 
 
+def _environ_without_tunables() -> dict[str, str]:
+  return {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+
+
 def _run_child(tunables: str | None) -> dict:
-  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  env = _environ_without_tunables()
   if tunables is not None:
     env["GLIBC_TUNABLES"] = tunables
   out = subprocess.run(
@@ -84,10 +88,11 @@ def _run_child(tunables: str | None) -> dict:
 
 
 def test_ensure_reexecutes_with_the_tunable_and_huge_pages_back_large_blocks():
-  unset = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
   child = _run_child(None)
   assert child["args"] == ["first", "--second=2"]  # the same arguments after the re-exec
-  if not huge_pages.applicable(unset):  # old glibc or no transparent huge pages: no re-exec
+  if not huge_pages.applicable(
+      _environ_without_tunables()
+  ):  # old glibc or no transparent huge pages: no re-exec
     assert child["tunables"] is None
     return
   assert child["tunables"] == "glibc.malloc.hugetlb=1"
