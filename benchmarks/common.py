@@ -128,20 +128,20 @@ def compile_cifar10_step(
   first step's loss depends on the whole network. `compiler_options` (XLA DebugOptions fields,
   e.g. {"xla_cpu_enable_fast_math": True}) apply to this program only, on top of XLA_FLAGS.
   """
-  from modes import parallel, train
-  from modes.factories import create_unet
+  from modes import parallel, train_programs
+  from modes.factories import create_diffusion, create_optimizer, create_unet
 
   batch_size = config.train.batch_size
   mesh = parallel.make_mesh()
   model = create_unet(config)
-  diffusion = train.create_diffusion(config)
-  tx = train.create_optimizer(config.optim)
-  state = train.create_train_state(model, tx, config, jax.random.key(0), mesh)
+  diffusion = create_diffusion(config)
+  tx = create_optimizer(config.optim)
+  state = train_programs.create_train_state(model, tx, config, jax.random.key(0), mesh)
   checksum = math.nan
   if nondegenerate:
     fill = jax.jit(
         lambda s: s.replace(params=fill_zero_kernels(s.params, jax.random.key(2))),
-        out_shardings=train.state_shardings(state, mesh),
+        out_shardings=train_programs.state_shardings(state, mesh),
     )
     state = fill(state)
     checksum = float(
@@ -164,7 +164,7 @@ def compile_cifar10_step(
       else None
   )
   start = time.perf_counter()
-  step_fn = train.compile_train_step(model, diffusion, tx, config, mesh, state)
+  step_fn = train_programs.compile_train_step(model, diffusion, tx, config, mesh, state)
   compiled = step_fn.lower(state, batch, key, teacher, None).compile(compiler_options)
   compile_seconds = time.perf_counter() - start
   param_count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))

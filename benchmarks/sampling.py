@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from modes import train
+from modes import train_programs
 from modes.factories import create_unet
 from benchmarks.common import machine_info, time_calls, write_json
 from configs import cifar10_adm
@@ -36,7 +36,7 @@ def measure(
   """{"bare_loop": ..., method: ...}: ms per batch and per model call, samples/s and (methods)
   the overhead against `nfe` bare network calls; `budget_s` caps the timed repeats of each."""
   model = create_unet(config)
-  params = jax.jit(lambda k: train.init_params(model, config, k))(jax.random.key(0))
+  params = jax.jit(lambda k: train_programs.init_params(model, config, k))(jax.random.key(0))
   params = jax.tree.map(lambda p: p + 1e-3, params)  # leave the zero-initialised output layers
   size, channels = config.data.image_size, config.data.channels
   num_timesteps = config.diffusion.num_timesteps

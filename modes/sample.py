@@ -27,7 +27,7 @@ from modes import parallel
 from modes.config_validation import validate_config
 from modes.errors import ConfigError
 from modes.factories import create_unet
-from modes.train import init_params
+from modes.train_programs import init_params
 from modes import images as image_lib
 from sampling.registry import Sampler, make_sampler
 

@@ -1,9 +1,9 @@
 """The story's expected cost, printed at start-up: accelerator-hours of the stages and table
 cells still to run, from times measured on this run's own devices.
 
-Training: each remaining stage's own step program (`train.compile_train_step` of the stage's
-config: the program the stage then runs, served to it by the persistent compilation cache) is
-timed over a few steps after one compiling step, on a freshly initialised state and a fixed
+Training: each remaining stage's own step program (`train_programs.shared_programs` of the stage's
+config: the traced and compiled program the stage then runs in this process) is timed over a
+few steps after one warm-up (compiling) step, on a freshly initialised state and a fixed
 synthetic batch that the stage never sees (its state, data order and keys are its own), and
 multiplied by the steps the stage has left. Table: one network call on a sampling batch × NFE ×
 batches, and one Inception batch × batches, per remaining cell; Inception over the reference
@@ -14,7 +14,6 @@ grids, data loading and the sampler's arithmetic between network calls.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -29,8 +28,8 @@ from absl import logging
 from evaluation import features as features_lib, inception
 from modes import checkpoint as ckpt_lib
 from modes import data as data_lib
-from modes import parallel, table as tables, train
-from modes.factories import create_diffusion, create_optimizer, create_unet
+from modes import parallel, table as tables, train_programs
+from modes.factories import create_unet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +62,9 @@ def seconds_per_call(fn: Callable[[], Any], calls: int) -> float:
 def _local_batch(config: ml_collections.ConfigDict, global_size: int) -> dict[str, np.ndarray]:
   """This process's rows of a fixed synthetic uint8 batch of the config's images."""
   rows = global_size // jax.process_count()
-  images = np.random.default_rng(0).integers(0, 256, (rows, *train.image_shape(config)), np.uint8)
+  images = np.random.default_rng(0).integers(
+      0, 256, (rows, *train_programs.image_shape(config)), np.uint8
+  )
   return {"image": images, "label": np.zeros((rows,), np.int32)}
 
 
@@ -71,13 +72,11 @@ def train_step_seconds(config: ml_collections.ConfigDict, steps: int) -> float:
   """Seconds per step of the train step program of `config` on this process's devices."""
   mesh = parallel.make_mesh()
   parallel.check_batch_divisible(config.train.batch_size, mesh)
-  model, diffusion = create_unet(config), create_diffusion(config)
-  tx = create_optimizer(config.optim)
   repl = parallel.replicated(mesh)
   keys = lambda: tuple(jax.random.split(jax.random.key(config.seed), 2))  # noqa: E731
   init_key, step_key = jax.jit(keys, out_shardings=(repl, repl))()
-  state = [train.create_train_state(model, tx, config, init_key, mesh)]
-  step_fn = train.compile_train_step(model, diffusion, tx, config, mesh, state[0])
+  create_state, step_fn = train_programs.shared_programs(config, mesh)
+  state = [create_state(init_key)]
   batch = parallel.global_batch_from_local(_local_batch(config, config.train.batch_size), mesh)
 
   def one_step() -> Any:
@@ -94,7 +93,7 @@ def network_call_seconds(config: ml_collections.ConfigDict, calls: int) -> float
   mesh = parallel.make_mesh()
   model = create_unet(config)
   repl, rows = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  init = lambda key: train.init_params(model, config, key)  # noqa: E731
+  init = lambda key: train_programs.init_params(model, config, key)  # noqa: E731
   params = jax.jit(init, out_shardings=repl)(jax.random.key(0))
   size = -(-config.sampling.batch_size // mesh.size) * mesh.size
   local = _local_batch(config, size)
@@ -120,17 +119,6 @@ def inception_batch_seconds(config: ml_collections.ConfigDict, calls: int) -> fl
           images, weights, e.batch_size, e.resize_rule, progress=False
       ),
       calls,
-  )
-
-
-def _program_key(config: ml_collections.ConfigDict) -> str:
-  """The settings a train step program is built from (stages that share them share a time)."""
-  t = config.train
-  sections = ("data", "model", "diffusion", "optim", "adversarial", "consistency")
-  return json.dumps(
-      [config[s].to_dict() for s in sections] + [t.batch_size, list(t.ema_rates), t.on_nonfinite],
-      sort_keys=True,
-      default=str,
   )
 
 
@@ -162,7 +150,7 @@ def estimate(
   for name, (cfg, run_dir) in stages.items():
     left = _steps_left(cfg, run_dir)
     if left:
-      key = _program_key(cfg)
+      key = train_programs.step_program_key(cfg)
       if key not in measured:
         measured[key] = train_step_seconds(cfg, steps)
       rows.append((name, left, measured[key]))

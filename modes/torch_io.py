@@ -24,10 +24,10 @@ from absl import logging
 
 from modes import checkpoint as ckpt_lib
 from modes import parallel
-from modes import train
+from modes import train, train_programs
 from modes.config_validation import validate_config
 from modes.errors import CheckpointError, UserFacingError
-from modes.factories import create_unet
+from modes.factories import create_optimizer, create_unet
 from adv_diffusion.nets.torch_mapping import (
     StateDictMismatchError,
     flax_to_torch_state_dict,
@@ -97,7 +97,9 @@ def load_state_dict(path: str) -> Mapping[str, Any]:
 def params_template(config: ml_collections.ConfigDict) -> Any:
   """Shapes and dtypes of the UNet params of `config` (no compute)."""
   model = create_unet(config)
-  return jax.eval_shape(lambda key: train.init_params(model, config, key), jax.random.key(0))
+  return jax.eval_shape(
+      lambda key: train_programs.init_params(model, config, key), jax.random.key(0)
+  )
 
 
 def _to_flax(path: str, template: Any) -> Any:
@@ -115,11 +117,11 @@ def _fresh_train_state(
 ) -> train.TrainState:
   """The train state a new run would start from, with these weights, counters at `step`."""
   model = create_unet(config)
-  tx = train.create_optimizer(config.optim)
+  tx = create_optimizer(config.optim)
 
   def build(key: jax.Array, params: Any, ema_params: tuple[Any, ...]) -> train.TrainState:
     # The random init inside is dead code once replaced: XLA drops it.
-    state = train.init_train_state(model, tx, config, key)
+    state = train_programs.init_train_state(model, tx, config, key)
     count = jnp.asarray(step, jnp.int32)
     return state.replace(
         step=count,

@@ -1,26 +1,21 @@
 """--mode=train: the training loop (restore, finite checks, sample grid, checkpoints, logging).
 
-The step itself is `adv_diffusion.train_step.train_step`, built here from the config
-(`modes.factories`) and compiled over the device mesh: batch sharded over `data`, state
-replicated (a carried δ sharded like the batch) and donated.
+The step itself is `adv_diffusion.train_step.train_step`; its program and the state's, compiled
+over the device mesh, come from `modes.train_programs`.
 """
 
 import functools
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 
-from adv_diffusion import train_step as step_lib
-from adv_diffusion.diffusion import GaussianDiffusion
 from adv_diffusion.train_step import TrainState
 from evaluation import lpips as lpips_lib
 from evaluation.inception import file_sha256
@@ -32,115 +27,13 @@ from modes import run_config, weights_file
 from modes.sample_grid import make_grid_sampler
 from modes import teacher as teacher_lib
 from modes.config_validation import validate_config
-from modes.factories import (
-    create_diffusion,
-    create_optimizer,
-    create_unet,
-    learning_rate_schedule,
-    step_settings,
-)
+from modes.factories import create_unet
 from modes.metric_writer import MetricWriter, ProgressReport
 from modes.preemption import PreemptionWatcher
+from modes.train_programs import shared_programs
 from modes.workdir import check_free_space, check_workdir_writable
 
 ON_NONFINITE = nonfinite.ON_NONFINITE  # train.on_nonfinite (validated in config_validation)
-
-# The library's step maths, re-exported for the modes and benchmarks that build states.
-preprocess_images = step_lib.preprocess_images
-
-
-# ---------------------------------------------------------------------------------------------
-# State and step from a config
-# ---------------------------------------------------------------------------------------------
-
-
-def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  """(H, W, C) of `config.data`."""
-  d = config.data
-  return (d.image_size, d.image_size, d.channels)
-
-
-def init_params(model: nn.Module, config: ml_collections.ConfigDict, key: jax.Array) -> Any:
-  """Fresh network parameters for the images of `config.data`."""
-  return step_lib.init_params(model, image_shape(config), bool(config.data.num_classes), key)
-
-
-def init_train_state(
-    model: nn.Module,
-    tx: optax.GradientTransformation,
-    config: ml_collections.ConfigDict,
-    key: jax.Array,
-) -> TrainState:
-  """`adv_diffusion.train_step.init_train_state` with the sizes of `config`."""
-  return step_lib.init_train_state(
-      model,
-      tx,
-      key,
-      settings=step_settings(config),
-      image_shape=image_shape(config),
-      batch_size=config.train.batch_size,
-      num_timesteps=config.diffusion.num_timesteps,
-      timestep_history=config.diffusion.sampler_history,
-  )
-
-
-def create_train_state(
-    model: nn.Module,
-    tx: optax.GradientTransformation,
-    config: ml_collections.ConfigDict,
-    key: jax.Array,
-    mesh: jax.sharding.Mesh,
-) -> TrainState:
-  """`init_train_state` compiled to place the state with `state_shardings` on `mesh`."""
-  init = functools.partial(init_train_state, model, tx, config)
-  abstract = jax.eval_shape(init, key)
-  return jax.jit(init, out_shardings=state_shardings(abstract, mesh))(key)
-
-
-def state_shardings(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
-  """Everything replicated except a carried δ, which is split over the batch like the data."""
-  shardings = jax.tree.map(lambda _: parallel.replicated(mesh), state)
-  if state.delta is not None:
-    shardings = shardings.replace(delta=parallel.batch_sharding(mesh))
-  return shardings
-
-
-def make_step_fn(
-    model: nn.Module,
-    diffusion: GaussianDiffusion,
-    tx: optax.GradientTransformation,
-    config: ml_collections.ConfigDict,
-) -> Callable:
-  """`train_step` with the network, process, optimizer, settings and learning rate of `config`
-  bound: step_fn(state, batch, root_key, teacher_params=None, lpips_params=None)."""
-  return functools.partial(
-      step_lib.train_step,
-      model=model,
-      diffusion=diffusion,
-      tx=tx,
-      settings=step_settings(config),
-      learning_rate_fn=learning_rate_schedule(config.optim),
-  )
-
-
-def compile_train_step(
-    model: nn.Module,
-    diffusion: GaussianDiffusion,
-    tx: optax.GradientTransformation,
-    config: ml_collections.ConfigDict,
-    mesh: jax.sharding.Mesh,
-    state: TrainState,
-) -> Callable:
-  """`make_step_fn` as one jit program: batch sharded over `data`, state replicated (a carried δ
-  sharded like the batch) and donated. `state` gives the pytree structure."""
-  repl = parallel.replicated(mesh)
-  state_sh = state_shardings(state, mesh)
-  return jax.jit(
-      make_step_fn(model, diffusion, tx, config),
-      in_shardings=(state_sh, parallel.batch_sharding(mesh), repl, repl, repl),
-      out_shardings=(state_sh, repl),
-      donate_argnums=(0,),
-  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,14 +147,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     teacher_lib.check_teacher_model(config)
   dataset = data_lib.load_dataset(config.data.dataset, config.data.split, config.data.data_dir)
   model = create_unet(config)
-  diffusion = create_diffusion(config)
-  tx = create_optimizer(config.optim)
   repl = parallel.replicated(mesh)
   # Made by a jit program so that every process holds the same global (replicated) keys; the
   # third key of the split seeds the sample grid.
   root_keys = lambda: tuple(jax.random.split(jax.random.key(config.seed), 3)[:2])  # noqa: E731
   init_key, step_key = jax.jit(root_keys, out_shardings=(repl, repl))()
-  state = create_train_state(model, tx, config, init_key, mesh)
+  create_state, step_fn = shared_programs(config, mesh)
+  state = create_state(init_key)
   logging.info(
       "UNet parameters: %d", sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
   )
@@ -295,7 +187,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
   writer = MetricWriter(workdir if is_main else None)
   report = ProgressReport(t.num_steps, writer)
-  step_fn = compile_train_step(model, diffusion, tx, config, mesh, state)
   grid_sampler = make_grid_sampler(model, config, mesh) if t.sample_every else None
   batches = data_lib.batch_iterator(
       dataset, t.batch_size, start_step, config.seed, jax.process_index(), jax.process_count()

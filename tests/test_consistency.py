@@ -14,7 +14,7 @@ from adv_diffusion import train_step as step_lib
 from adv_diffusion.consistency import boundary_scalings, consistency_function
 from adv_diffusion.diffusion import GaussianDiffusion
 from adv_diffusion.settings import ConsistencySettings
-from modes import train
+from modes import train_programs
 from modes.factories import create_unet
 from tests.configs import tiny_digits
 from tests.gaussian_problem import T, GaussianProblem
@@ -42,7 +42,7 @@ def _cm(**overrides) -> ConsistencySettings:
 def test_boundary_condition_holds_for_any_network():
   config = tiny_digits.get_config()
   model = create_unet(config)
-  params = train.init_params(model, config, jax.random.key(0))
+  params = train_programs.init_params(model, config, jax.random.key(0))
   params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(1), p.shape), params)
   x = jax.random.normal(jax.random.key(2), (4, 16, 16, 1)) * 3.0
   t0 = jnp.zeros((4,), jnp.int32)
@@ -127,7 +127,7 @@ def test_distillation_with_exact_gaussian_teacher_learns_the_ode_flow():
 
 def test_cd_delta_gradient_matches_finite_differences():
   settings, model, diffusion, state, teacher, batch, _ = _cd_step_setup(optax.sgd(1.0))
-  x0 = train.preprocess_images(batch["image"], None)
+  x0 = train_programs.preprocess_images(batch["image"], None)
 
   def eval_fn(p, x, t, labels):
     return model.apply({"params": p}, x, t, labels, train=False)

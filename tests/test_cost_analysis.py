@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from adv_diffusion import train_step as step_lib
-from modes import parallel, train
-from modes.factories import create_unet
+from modes import parallel, train_programs
+from modes.factories import create_diffusion, create_optimizer, create_unet
 from tests.configs import tiny_digits
 
 
@@ -28,13 +28,15 @@ def _step_flops(channels: int, **adversarial) -> float:
   config.model.dropout = 0.0  # dropout masks are RNG work that XLA also counts as FLOPs
   config.adversarial.update(adversarial)
   model = create_unet(config)
-  tx = train.create_optimizer(config.optim)
-  state = jax.eval_shape(lambda k: train.init_train_state(model, tx, config, k), jax.random.key(0))
+  tx = create_optimizer(config.optim)
+  state = jax.eval_shape(
+      lambda k: train_programs.init_train_state(model, tx, config, k), jax.random.key(0)
+  )
   batch = {
       "image": jax.ShapeDtypeStruct((8, 16, 16, 1), np.uint8),
       "label": jax.ShapeDtypeStruct((8,), np.int32),
   }
-  step = jax.jit(train.make_step_fn(model, train.create_diffusion(config), tx, config))
+  step = jax.jit(train_programs.make_step_fn(model, create_diffusion(config), tx, config))
   compiled = step.lower(state, batch, jax.eval_shape(lambda: jax.random.key(1))).compile()
   cost = compiled.cost_analysis()
   return float((cost[0] if isinstance(cost, list) else cost)["flops"])
@@ -80,10 +82,12 @@ def _step_temp_bytes() -> tuple[int, int, int]:
   config.data.image_size = 8
   config.train.batch_size = 1
   model = create_unet(config)
-  tx = train.create_optimizer(config.optim)
-  state = jax.eval_shape(lambda k: train.init_train_state(model, tx, config, k), jax.random.key(0))
-  step = train.compile_train_step(
-      model, train.create_diffusion(config), tx, config, parallel.make_mesh(), state
+  tx = create_optimizer(config.optim)
+  state = jax.eval_shape(
+      lambda k: train_programs.init_train_state(model, tx, config, k), jax.random.key(0)
+  )
+  step = train_programs.compile_train_step(
+      model, create_diffusion(config), tx, config, parallel.make_mesh(), state
   )
   batch = {
       "image": jax.ShapeDtypeStruct((1, 8, 8, 1), np.uint8),

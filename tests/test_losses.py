@@ -10,8 +10,8 @@ import pytest
 
 from adv_diffusion import adversarial, losses
 from adv_diffusion.diffusion import GaussianDiffusion
-from modes import train
-from modes.factories import create_unet
+from modes import train_programs
+from modes.factories import create_diffusion, create_unet
 from tests.configs import tiny_digits
 
 
@@ -45,8 +45,8 @@ def _tiny_setup():
   config = tiny_digits.get_config()
   config.model.dropout = 0.0
   model = create_unet(config)
-  diffusion = train.create_diffusion(config)
-  params = train.init_params(model, config, jax.random.key(0))
+  diffusion = create_diffusion(config)
+  params = train_programs.init_params(model, config, jax.random.key(0))
   # Randomise ADM's zero-initialised output layers, else ∂L/∂δ is exactly zero.
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(1), len(leaves))

@@ -12,7 +12,7 @@ import pytest
 
 from adv_diffusion import losses
 from adv_diffusion import train_step as step_lib
-from modes import parallel, train
+from modes import parallel, train_programs
 from modes.factories import (
     create_diffusion,
     create_optimizer,
@@ -52,13 +52,15 @@ def _step_setup(tx=None, consistency: dict | None = None, configure=None, **adv)
       model,
       tx,
       settings=settings,
-      image_shape=train.image_shape(config),
+      image_shape=train_programs.image_shape(config),
       batch_size=config.train.batch_size,
       num_timesteps=config.diffusion.num_timesteps,
       timestep_history=config.diffusion.sampler_history,
   )
   key = jax.random.key(0)
-  state = jax.jit(init, out_shardings=train.state_shardings(jax.eval_shape(init, key), mesh))(key)
+  state = jax.jit(
+      init, out_shardings=train_programs.state_shardings(jax.eval_shape(init, key), mesh)
+  )(key)
   # Move the zero-initialised output layers so that δ has a gradient from the first step.
   state = state.replace(params=_perturbed(state.params))
   state = state.replace(ema_params=tuple(state.params for _ in state.ema_params))

@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from modes import data as data_lib
-from modes import train
+from modes import train_programs
 from modes.config_validation import validate_config
 from modes.errors import ConfigError, DatasetNotPreparedError
 from tests import run_utils
@@ -192,8 +192,8 @@ def test_batch_stream_visits_every_example_once_per_epoch_and_resumes():
 def test_random_flip_mirrors_exactly_the_drawn_examples():
   images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (64, 4, 4, 1), dtype=np.uint8))
   key = jax.random.key(5)
-  flipped = train.preprocess_images(images, key)
-  plain = train.preprocess_images(images, None)
+  flipped = train_programs.preprocess_images(images, key)
+  plain = train_programs.preprocess_images(images, None)
   np.testing.assert_array_equal(plain, images.astype(np.float32) / 127.5 - 1.0)
   mirrored = np.all(np.asarray(flipped) == np.asarray(plain)[:, :, ::-1], axis=(1, 2, 3))
   same = np.all(np.asarray(flipped) == np.asarray(plain), axis=(1, 2, 3))

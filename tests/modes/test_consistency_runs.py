@@ -13,7 +13,7 @@ from adv_diffusion.consistency import consistency_function, time_grid
 from adv_diffusion.train_state import preprocess_images
 from modes import checkpoint as ckpt_lib
 from modes import data as data_lib
-from modes import parallel, train
+from modes import parallel, train, train_programs
 from modes.config_validation import validate_config
 from modes.factories import create_diffusion, create_optimizer, create_unet
 from tests import run_utils
@@ -115,11 +115,11 @@ def test_consistency_training_lowers_its_loss_tracks_the_ema_target_and_keeps_th
   model, diffusion = create_unet(config), create_diffusion(config)
   tx = create_optimizer(config.optim)
   init_key, step_key = jax.random.split(jax.random.key(config.seed), 3)[:2]  # as train.train
-  state = train.create_train_state(model, tx, config, init_key, mesh)
+  state = train_programs.create_train_state(model, tx, config, init_key, mesh)
   with tempfile.TemporaryDirectory() as tmp:
     checkpointer = ckpt_lib.Checkpointer(tmp, save_every=1000, keep=1, async_save=False)
     state = train.restore_or_init(config, state, checkpointer)
-  step_fn = train.compile_train_step(model, diffusion, tx, config, mesh, state)
+  step_fn = train_programs.compile_train_step(model, diffusion, tx, config, mesh, state)
   copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (the step donates its state)
   start = copy(state)
   assert run_utils.max_abs_diff(start.target_params, start.params) == 0.0

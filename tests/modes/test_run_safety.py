@@ -15,9 +15,9 @@ import pytest
 
 from modes import checkpoint as ckpt_lib
 from modes import data as data_lib
-from modes import nonfinite, parallel, train
+from modes import nonfinite, parallel, train_programs
 from modes.errors import NonFiniteError, UserFacingError
-from modes.factories import create_unet
+from modes.factories import create_diffusion, create_optimizer, create_unet
 from modes.workdir import check_free_space
 from tests import run_utils
 from tests.configs import tiny_digits
@@ -121,7 +121,7 @@ def test_sampling_the_latest_checkpoint_skips_a_damaged_one(three_checkpoints, t
   _damage(workdir, 3)
   config = tiny_digits.get_config()
   model = create_unet(config)
-  params = train.init_params(model, config, jax.random.key(0))
+  params = train_programs.init_params(model, config, jax.random.key(0))
   target = {"params": params, "ema_params": (params, params)}
   restored, step = ckpt_lib.load_model_weights(workdir, -1, target)
   assert step == 2
@@ -137,9 +137,9 @@ def compiled_step():
   config.train.batch_size = 8
   mesh = parallel.make_mesh()
   model = create_unet(config)
-  tx = train.create_optimizer(config.optim)
-  state = train.create_train_state(model, tx, config, jax.random.key(0), mesh)
-  step_fn = train.make_step_fn(model, train.create_diffusion(config), tx, config)
+  tx = create_optimizer(config.optim)
+  state = train_programs.create_train_state(model, tx, config, jax.random.key(0), mesh)
+  step_fn = train_programs.make_step_fn(model, create_diffusion(config), tx, config)
   step = jax.jit(lambda s, b, k: step_fn(s, b, k))
   images = data_lib.load_dataset("digits").images[:8]
   return step, state, images
@@ -169,7 +169,7 @@ def test_nonfinite_weights_never_reach_a_checkpoint(three_checkpoints, tmp_path,
   source = str(tmp_path / "nan_source")
   shutil.copytree(three_checkpoints, source)
   config = tiny_digits.get_config()
-  params = train.init_params(create_unet(config), config, jax.random.key(0))
+  params = train_programs.init_params(create_unet(config), config, jax.random.key(0))
   params = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), params)
   shutil.rmtree(os.path.join(source, "checkpoints"))
   checkpointer = ckpt_lib.Checkpointer(

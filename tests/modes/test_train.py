@@ -12,15 +12,15 @@ import pytest
 
 from modes import checkpoint as ckpt_lib
 from modes import data as data_lib
-from modes import train
-from modes.factories import create_unet
+from modes import train, train_programs
+from modes.factories import create_diffusion, create_optimizer, create_unet
 from tests import run_utils
 from tests.configs import tiny_digits
 
 
 def _eval_mse(params, config, model, diffusion, images, key) -> float:
   """ε-MSE on a fixed batch, fixed uniform t and fixed noise (the quantity training lowers)."""
-  x0 = train.preprocess_images(jnp.asarray(images), None)
+  x0 = train_programs.preprocess_images(jnp.asarray(images), None)
   k_t, k_n = jax.random.split(key)
   t = jax.random.randint(k_t, (x0.shape[0],), 0, diffusion.num_timesteps)
   noise = jax.random.normal(k_n, x0.shape)
@@ -43,10 +43,10 @@ def test_loss_falls_on_digits(tmp_path):
   state = train.train(config, str(tmp_path))
 
   model = create_unet(config)
-  diffusion = train.create_diffusion(config)
+  diffusion = create_diffusion(config)
   images = data_lib.load_dataset("digits").images[:128]
   key = jax.random.key(123)
-  init = train.init_params(model, config, jax.random.key(0))
+  init = train_programs.init_params(model, config, jax.random.key(0))
   mse_init = _eval_mse(init, config, model, diffusion, images, key)
   mse_trained = _eval_mse(state.params, config, model, diffusion, images, key)
   # ADM zero-initialises the output conv, so the untrained model predicts ε = 0: MSE = E[ε²] ≈ 1.
@@ -131,8 +131,8 @@ def test_init_from_keeps_weights_and_ema_with_a_fresh_optimizer(tmp_path, traine
   config = tiny_digits.get_config()
   config.train.init_from = source
   model = create_unet(config)
-  tx = train.create_optimizer(config.optim)
-  fresh = train.init_train_state(model, tx, config, jax.random.key(7))
+  tx = create_optimizer(config.optim)
+  fresh = train_programs.init_train_state(model, tx, config, jax.random.key(7))
   checkpointer = ckpt_lib.Checkpointer(
       str(tmp_path / "target" / "checkpoints"), save_every=1, keep=1, async_save=False
   )
@@ -216,7 +216,7 @@ def test_sample_grid_is_the_ema_ancestral_samples(tmp_path):
   assert png.shape == (2 * (2 * 17 + 1), 2 * (3 * 17 + 1), 3) and png.dtype == np.uint8
 
   model = create_unet(config)
-  diffusion = train.create_diffusion(config, config.train.sample_respacing)
+  diffusion = create_diffusion(config, config.train.sample_respacing)
   key = jax.random.split(jax.random.key(config.seed), 3)[2]
   indices = jnp.arange(6)
   noise = per_sample_noise(key, indices, (16, 16, 1))
@@ -236,7 +236,7 @@ def test_sample_grid_is_the_ema_ancestral_samples(tmp_path):
   np.testing.assert_array_equal(png[1::2, 1::2], expected)  # nearest-neighbour upscale
   # The grid is of the EMA, not of the raw weights, and not the untrained network's.
   assert np.any(direct(state.params) != expected)
-  assert np.any(direct(train.init_params(model, config, jax.random.key(0))) != expected)
+  assert np.any(direct(train_programs.init_params(model, config, jax.random.key(0))) != expected)
 
 
 def test_bfloat16_training_lowers_the_loss_and_keeps_float32_state(tmp_path):
@@ -251,13 +251,60 @@ def test_bfloat16_training_lowers_the_loss_and_keeps_float32_state(tmp_path):
   assert model.dtype == jnp.bfloat16
   leaves = jax.tree.leaves((state.params, state.ema_params, state.opt_state))
   assert all(x.dtype == jnp.float32 for x in leaves if jnp.issubdtype(x.dtype, jnp.floating))
-  diffusion = train.create_diffusion(config)
+  diffusion = create_diffusion(config)
   images = data_lib.load_dataset("digits").images[:128]
   key = jax.random.key(123)
-  init = train.init_params(model, config, jax.random.key(0))
+  init = train_programs.init_params(model, config, jax.random.key(0))
   mse_init = _eval_mse(init, config, model, diffusion, images, key)
   mse_trained = _eval_mse(state.params, config, model, diffusion, images, key)
   assert mse_init == pytest.approx(1.0, abs=0.05)  # zero-initialised output: ε̂ = 0
   # 40 bfloat16 steps of batch 16 at lr 1e-3 learn (60 float32 steps reach < 0.2, above); a
   # non-learning run, or one whose bfloat16 gradients vanish, stays at ~1.
   assert mse_trained < 0.6, mse_trained
+
+
+def test_the_cost_estimate_and_the_stages_share_one_traced_step_program(tmp_path, monkeypatch):
+  # `train_programs.shared_programs`: the story's estimate times the program its stage then
+  # runs, and a stage that differs only in steps, seed or start (a later stage, a study's next
+  # seed) runs it too: the step is traced once per process. A setting of the step makes a
+  # program of its own.
+  import copy
+
+  from adv_diffusion import train_step as step_lib
+  from modes import parallel, story_estimate
+
+  traced = []
+  real_step = step_lib.train_step
+
+  def counting_step(*args, **kwargs):
+    traced.append(kwargs["settings"])
+    return real_step(*args, **kwargs)
+
+  monkeypatch.setattr(step_lib, "train_step", counting_step)
+  monkeypatch.setattr(train_programs, "_SHARED_PROGRAMS", {})
+  config = tiny_digits.get_config()
+  config.train.num_steps = 2
+  config.train.async_checkpointing = False
+  assert story_estimate.train_step_seconds(config, 1) > 0
+  assert len(traced) == 1
+  stage = copy.deepcopy(config)
+  stage.seed, stage.train.num_steps, stage.train.log_every = 7, 3, 3
+  train.train(stage, str(tmp_path / "stage"))
+  assert len(traced) == 1
+  assert int(ckpt_lib.checkpoint_steps(ckpt_lib.checkpoint_dir(str(tmp_path / "stage")))[-1]) == 3
+
+  mesh = parallel.make_mesh()
+  for key, value in (
+      ("optim.learning_rate", 2e-3),
+      ("adversarial.num_replays", 2),
+      ("train.ema_rates", (0.5,)),
+      ("model.dropout", 0.0),
+      ("data.random_flip", True),
+  ):
+    changed = copy.deepcopy(config)
+    section, name = key.split(".")
+    changed[section][name] = value
+    assert train_programs.shared_programs(changed, mesh) is not train_programs.shared_programs(
+        config, mesh
+    ), key
+  assert train_programs.shared_programs(stage, mesh) is train_programs.shared_programs(config, mesh)
