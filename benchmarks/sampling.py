@@ -14,12 +14,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from modes import train_programs
+from modes import huge_pages, train_programs
 from modes.factories import create_unet
 from benchmarks.common import machine_info, time_calls, write_json
 from configs import cifar10_adm
 from sampling.registry import make_sampler
-from modes import huge_pages
 
 METHODS = ("ancestral", "ancestral_es", "ddim", "dpm_solver++")
 

@@ -24,7 +24,7 @@ from absl import logging
 
 from modes import checkpoint as ckpt_lib
 from modes import parallel
-from modes import train, train_programs
+from modes import train_programs
 from modes.config_validation import validate_config
 from modes.errors import CheckpointError, UserFacingError
 from modes.factories import create_optimizer, create_unet
@@ -33,6 +33,7 @@ from adv_diffusion.nets.torch_mapping import (
     flax_to_torch_state_dict,
     torch_to_flax_params,
 )
+from adv_diffusion.train_step import TrainState
 
 # guided-diffusion's TrainLoop.save names: model{step:06d}.pt, ema_{rate}_{step:06d}.pt.
 _STEP_IN_NAME = re.compile(r"^(?:model|ema_[0-9.]+_)(\d+)\.pt$")
@@ -114,12 +115,12 @@ def _to_flax(path: str, template: Any) -> Any:
 
 def _fresh_train_state(
     config: ml_collections.ConfigDict, params: Any, ema_params: tuple[Any, ...], step: int
-) -> train.TrainState:
+) -> TrainState:
   """The train state a new run would start from, with these weights, counters at `step`."""
   model = create_unet(config)
   tx = create_optimizer(config.optim)
 
-  def build(key: jax.Array, params: Any, ema_params: tuple[Any, ...]) -> train.TrainState:
+  def build(key: jax.Array, params: Any, ema_params: tuple[Any, ...]) -> TrainState:
     # The random init inside is dead code once replaced: XLA drops it.
     state = train_programs.init_train_state(model, tx, config, key)
     count = jnp.asarray(step, jnp.int32)
